@@ -1,0 +1,108 @@
+"""ONNX models through onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ModelLoadError
+from .base import TASKS, Prediction
+
+log = logging.getLogger(__name__)
+
+_NUMPY_OF = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": object,
+}
+
+
+class OnnxModel:
+    """An ONNX graph run by onnxruntime.
+
+    Columns map to the graph's inputs in one of two ways: one input per column (named like the
+    column, as skl2onnx emits them), or one stacked 2-D tensor whose width is the number of
+    feature columns, filled in ``columns`` order.
+
+    >>> m = OnnxModel("models/diamonds/primary.onnx")  # doctest: +SKIP
+    >>> m.predict(df).labels  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, task: str | None = None, name: str | None = None,
+                 version: str | None = None, columns: list[str] | None = None,
+                 intra_op_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        opts = ort.SessionOptions()
+        # One thread per call: serving runs several workers, and small batches gain nothing.
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(f"cannot load ONNX model {self.path}: {e}") from e
+        meta = self.session.get_modelmeta()
+        props = dict(meta.custom_metadata_map or {})
+        self.metadata = props
+        self.name = name or props.get("name") or self.path.stem
+        self.version = version or props.get("version") or str(meta.version)
+        self.inputs = self.session.get_inputs()
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.columns = columns or (json.loads(props["columns"]) if "columns" in props else None)
+        self.task = task or props.get("task") or self._guess_task()
+        if self.task not in TASKS:
+            raise ModelLoadError(f"{self.path}: task must be one of {TASKS}, got {self.task!r}")
+        self.classes: list[Any] | None = json.loads(props["classes"]) if "classes" in props else None
+
+    def _guess_task(self) -> str:
+        return "classification" if len(self.outputs) >= 2 else "regression"
+
+    def _feeds(self, data: pd.DataFrame) -> dict[str, np.ndarray]:
+        names = {i.name for i in self.inputs}
+        if len(self.inputs) == 1 and self.inputs[0].name not in data.columns:
+            inp = self.inputs[0]
+            cols = self.columns or list(data.columns)
+            dtype = _NUMPY_OF.get(inp.type, np.float32)
+            return {inp.name: data[cols].to_numpy(dtype=dtype)}
+        missing = sorted(names - set(data.columns))
+        if missing:
+            raise ModelLoadError(f"{self.path.name}: the graph wants inputs {missing} the data lacks")
+        feeds = {}
+        for inp in self.inputs:
+            dtype = _NUMPY_OF.get(inp.type, np.float32)
+            col = data[inp.name].to_numpy()
+            if dtype is object:
+                arr = np.asarray(col, dtype=object)
+                arr = np.where(pd.isna(arr), "", arr).astype(str).astype(object)
+            else:
+                arr = col.astype(dtype, copy=False)
+            feeds[inp.name] = arr.reshape(-1, 1) if len(inp.shape) == 2 else arr
+        return feeds
+
+    def predict(self, data: pd.DataFrame) -> Prediction:
+        outs = self.session.run(None, self._feeds(data))
+        if self.task == "regression":
+            return Prediction(np.asarray(outs[0], dtype=np.float64).reshape(-1))
+        labels = np.asarray(outs[0]).reshape(-1)
+        probs = outs[1] if len(outs) > 1 else None
+        classes = self.classes
+        if isinstance(probs, list):  # ZipMap output: a list of {class: probability}
+            if classes is None:
+                classes = list(probs[0].keys()) if probs else []
+            probs = np.array([[d[c] for c in classes] for d in probs], dtype=np.float64)
+        elif probs is not None:
+            probs = np.asarray(probs, dtype=np.float64)
+            if classes is None:
+                # skl2onnx orders probability columns like classes_, which is sorted.
+                seen = sorted(set(labels.tolist()))
+                classes = seen if len(seen) == probs.shape[1] else list(range(probs.shape[1]))
+        return Prediction(labels, probs, classes)

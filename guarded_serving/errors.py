@@ -1,0 +1,107 @@
+"""One small error hierarchy. Every error has a stable ``code`` and structured ``problems``.
+
+The service maps codes to HTTP statuses in one table (``service.STATUS_BY_CODE``); the CLI prints
+the message and the problems.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: where (row, column), what was expected, what came."""
+
+    problem: str
+    row: int | None = None
+    column: str | None = None
+    expected: str | None = None
+    got: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("row", "column")}
+
+
+class GuardedServingError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.problems = list(problems or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.problems:
+            body["problems"] = [p.to_dict() for p in self.problems]
+        return body
+
+
+class ConfigError(GuardedServingError):
+    """The serving config is missing a key, has one of the wrong type, or names a missing file."""
+
+    code = "config_invalid"
+
+
+class ProfileError(GuardedServingError):
+    """A profile file is malformed, of an unsupported version, or fails its content hash."""
+
+    code = "profile_invalid"
+
+
+class SchemaError(GuardedServingError):
+    """Input rows that do not fit the profile's schema (missing column, uncoercible value)."""
+
+    code = "schema_violation"
+
+
+class PayloadError(GuardedServingError):
+    """A request body that is not JSON or not of the expected shape."""
+
+    code = "bad_request"
+
+
+class BatchTooLargeError(GuardedServingError):
+    """More rows in one request than the configured maximum."""
+
+    code = "batch_too_large"
+
+
+class ModelLoadError(GuardedServingError):
+    """A model file that cannot be loaded, or a pickle that was not marked trusted."""
+
+    code = "model_load_failed"
+
+
+class FallbackFailedError(GuardedServingError):
+    """The fallback model failed for rows that needed it: no prediction can be given for them."""
+
+    code = "fallback_failed"
+
+
+class NotFoundError(GuardedServingError):
+    """An id (request, row) that the store does not know."""
+
+    code = "not_found"
+
+
+class ConflictError(GuardedServingError):
+    """A write that contradicts what is already stored (a different outcome for the same row)."""
+
+    code = "conflict"
+
+
+class UnauthorizedError(GuardedServingError):
+    """A state-changing call without the configured bearer token."""
+
+    code = "unauthorized"
+
+
+class StoreError(GuardedServingError):
+    """The store (SQLite or PostgreSQL) failed or is unreachable."""
+
+    code = "store_unavailable"

@@ -1,0 +1,370 @@
+"""GuardedModel: check a batch, route rows to the primary or the fallback, time every stage.
+
+Spans go through the OpenTelemetry API only: they cost next to nothing until an application
+installs a tracer provider (the service does).
+
+>>> gm = GuardedModel.from_config(load_config("models/diamonds/serving.yaml"))  # doctest: +SKIP
+>>> result = gm.predict(rows)  # doctest: +SKIP
+>>> result.routes, result.reasons, result.timing_ms  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from .adapters import Model, Prediction, load_model
+from .checks import LATENCY_BUDGET, OK, PRIMARY_ERROR, check_batch
+from .config import ModelSpec, ServingConfig
+from .errors import ConfigError, FallbackFailedError, SchemaError
+from .policy import Policy
+from .profile import Profile
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("guarded_serving")
+
+PRIMARY, FALLBACK_ROUTE, REJECTED = "primary", "fallback", "rejected"
+
+
+@dataclass
+class GuardedResult:
+    """Per-row predictions, routes and reasons of one batch, with per-stage timings (ms)."""
+
+    n_rows: int
+    predictions: np.ndarray
+    routes: np.ndarray
+    reasons: list[list[str]]
+    timing_ms: dict[str, float]
+    probabilities: np.ndarray | None = None
+    classes: list[Any] | None = None
+    primary_predictions: np.ndarray | None = None
+    fallback_predictions: np.ndarray | None = None
+    budget_missed: bool = False
+    primary_error: str | None = None
+    extra_columns: list[str] = field(default_factory=list)
+    features: pd.DataFrame | None = None
+    reason_counts: dict[str, int] = field(default_factory=dict)
+
+    def route_counts(self) -> dict[str, int]:
+        names, counts = np.unique(self.routes, return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready body (NaN becomes null)."""
+        out: dict[str, Any] = {
+            "predictions": _jsonable(self.predictions),
+            "routes": self.routes.tolist(),
+            "reasons": self.reasons,
+            "timing_ms": {k: round(v, 4) for k, v in self.timing_ms.items()},
+        }
+        if self.probabilities is not None:
+            out["probabilities"] = np.round(self.probabilities, 6).tolist()
+            out["classes"] = list(self.classes or [])
+        if self.extra_columns:
+            out["extra_columns"] = self.extra_columns
+        return out
+
+
+def _jsonable(a: np.ndarray | None) -> list[Any]:
+    if a is None:
+        return []
+    if a.dtype.kind == "f":
+        return [None if np.isnan(x) else x for x in a.tolist()]
+    return [x.item() if hasattr(x, "item") else x for x in a.tolist()]
+
+
+class GuardedModel:
+    """Primary + fallback + profile + policy.
+
+    ``latency_budget_ms``: the primary runs in a worker thread and the request waits at most this
+    long for it; rows of a late (or raising) primary call get the fallback's answer. A late call
+    keeps running in the background, and at most ``max_primary_inflight`` may do so before the
+    primary is skipped outright. ``shadow_fallback``: also run the fallback on rows the primary
+    answered, so the two can be compared on the same rows.
+    """
+
+    def __init__(self, primary: Model, fallback: Model, profile: Profile,
+                 policy: Policy | None = None, latency_budget_ms: float | None = None,
+                 name: str = "model", shadow_fallback: bool = False,
+                 max_primary_inflight: int = 4) -> None:
+        for role, m in (("primary", primary), ("fallback", fallback)):
+            if m.task != profile.task:
+                raise ConfigError(f"the {role} model's task is {m.task!r} but the profile's is {profile.task!r}")
+        self.primary = primary
+        self.fallback = fallback
+        self.profile = profile
+        self.policy = policy or Policy()
+        self.latency_budget_ms = latency_budget_ms
+        self.name = name
+        self.shadow_fallback = shadow_fallback
+        self.max_primary_inflight = max_primary_inflight
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._executor = (
+            ThreadPoolExecutor(max_workers=max_primary_inflight + 1, thread_name_prefix="guarded-primary")
+            if latency_budget_ms is not None
+            else None
+        )
+
+    @classmethod
+    def from_config(cls, config: ServingConfig, *, shadow_fallback: bool | None = None) -> GuardedModel:
+        """Load models and profile named by a serving config."""
+        profile = Profile.load(config.profile)
+        if profile.task != config.task:
+            raise ConfigError(f"task: the config says {config.task!r} but the profile says {profile.task!r}")
+        primary = _load(config.primary, config.task, "primary")
+        fallback = _load(config.fallback, config.task, "fallback")
+        if shadow_fallback is None:
+            shadow_fallback = config.prediction_log.enabled and config.prediction_log.shadow_fallback
+        return cls(primary, fallback, profile, config.policy, config.latency_budget_ms,
+                   config.name, shadow_fallback)
+
+    # -- prediction --------------------------------------------------------------------------
+
+    def predict(self, data: Any, *, on_reject: str = "raise") -> GuardedResult:
+        """Check, route and predict a batch: a DataFrame, a list of row mappings or columns.
+
+        Raises SchemaError when a row violates the schema (``on_reject="mark"`` instead routes
+        such rows to "rejected" with no prediction), FallbackFailedError when the fallback fails
+        for rows that needed it.
+        """
+        t0 = time.perf_counter()
+        with _tracer.start_as_current_span("guarded_serving.predict") as span:
+            span.set_attribute("guarded_serving.model.name", self.name)
+            with _tracer.start_as_current_span("guarded_serving.validate") as vspan:
+                verdicts = check_batch(data, self.profile, self.policy)
+                n = verdicts.n_rows
+                vspan.set_attribute("guarded_serving.rows", n)
+                reason_counts = verdicts.reason_counts()
+                if reason_counts:
+                    vspan.set_attribute("guarded_serving.reasons", sorted(reason_counts))
+            t_validate = time.perf_counter()
+            span.set_attribute("guarded_serving.rows", n)
+            status = verdicts.status
+            if verdicts.problems and on_reject == "raise":
+                rejected = int(verdicts.rejected.sum())
+                span.set_attribute("guarded_serving.rows.rejected", rejected)
+                span.set_status(Status(StatusCode.ERROR, "schema_violation"))
+                span.set_attribute("error.type", "schema_violation")
+                raise SchemaError(
+                    f"{rejected} of {n} row(s) violate the schema" if rejected < n
+                    else "the batch violates the schema",
+                    verdicts.problems,
+                )
+            reasons = verdicts.reasons()
+            features = verdicts.features
+            routes = np.full(n, FALLBACK_ROUTE, dtype=object)
+            routes[status == OK] = PRIMARY
+            routes[verdicts.rejected] = REJECTED
+
+            # Primary on the rows that passed.
+            primary_idx = np.flatnonzero(status == OK)
+            primary_pred, err, missed = None, None, False
+            t_primary_start = time.perf_counter()
+            if primary_idx.size:
+                primary_pred, err, missed = self._run_primary(_take(features, primary_idx, n))
+                if primary_pred is None:
+                    code = LATENCY_BUDGET if missed else PRIMARY_ERROR
+                    routes[primary_idx] = FALLBACK_ROUTE
+                    for i in primary_idx.tolist():
+                        reasons[i].append(code)
+                    reason_counts[code] = int(primary_idx.size)
+            t_primary = time.perf_counter()
+
+            # Fallback on flagged rows and rows the primary could not answer (or all, in shadow).
+            need = np.flatnonzero(routes == FALLBACK_ROUTE)
+            fb_idx = np.flatnonzero(routes != REJECTED) if self.shadow_fallback else need
+            fallback_pred = None
+            if fb_idx.size:
+                with _tracer.start_as_current_span("guarded_serving.fallback") as fspan:
+                    fspan.set_attribute("guarded_serving.model.name", self.fallback.name)
+                    fspan.set_attribute("guarded_serving.model.version", str(self.fallback.version))
+                    fspan.set_attribute("guarded_serving.rows", int(need.size))
+                    fspan.set_attribute("guarded_serving.rows.shadow", int(fb_idx.size - need.size))
+                    try:
+                        fallback_pred = self.fallback.predict(_take(features, fb_idx, n))
+                        _check_length(fallback_pred, fb_idx.size, "fallback")
+                    except Exception as e:
+                        fspan.record_exception(e)
+                        fspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                        fspan.set_attribute("error.type", type(e).__name__)
+                        if need.size:
+                            span.set_status(Status(StatusCode.ERROR, "fallback_failed"))
+                            span.set_attribute("error.type", "fallback_failed")
+                            raise FallbackFailedError(
+                                f"the fallback model failed for {need.size} row(s) that needed it: "
+                                f"{type(e).__name__}: {e}"
+                            ) from e
+                        log.warning("shadow fallback failed: %s", e)
+                        fallback_pred = None
+            t_fallback = time.perf_counter()
+
+            result = self._assemble(n, routes, reasons, primary_idx, primary_pred, fb_idx, fallback_pred)
+            result.timing_ms = {
+                "validate": (t_validate - t0) * 1e3,
+                "primary": (t_primary - t_primary_start) * 1e3,
+                "fallback": (t_fallback - t_primary) * 1e3,
+                "total": (time.perf_counter() - t0) * 1e3,
+            }
+            result.budget_missed = missed
+            result.primary_error = err
+            result.extra_columns = verdicts.extra_columns
+            result.features = features
+            result.reason_counts = reason_counts
+            counts = result.route_counts()
+            span.set_attribute("guarded_serving.rows.primary", counts.get(PRIMARY, 0))
+            span.set_attribute("guarded_serving.rows.fallback", counts.get(FALLBACK_ROUTE, 0))
+            span.set_attribute("guarded_serving.rows.rejected", counts.get(REJECTED, 0))
+            if reason_counts:
+                span.set_attribute("guarded_serving.reasons", sorted(reason_counts))
+            if missed:
+                span.set_attribute("guarded_serving.latency_budget_missed", True)
+            if self.policy.record_feature_values and n <= 100:
+                span.set_attribute("guarded_serving.features", features.to_json(orient="records"))
+            return result
+
+    def _run_primary(self, frame: pd.DataFrame) -> tuple[Prediction | None, str | None, bool]:
+        """(prediction or None, error text, budget missed)."""
+        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
+            pspan.set_attribute("guarded_serving.model.name", self.primary.name)
+            pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
+            pspan.set_attribute("guarded_serving.rows", len(frame))
+            try:
+                if self._executor is None:
+                    pred = self.primary.predict(frame)
+                else:
+                    pred = self._predict_within_budget(frame)
+                    if pred is None:
+                        pspan.set_attribute("guarded_serving.latency_budget_missed", True)
+                        pspan.set_status(Status(StatusCode.ERROR, "latency_budget"))
+                        pspan.set_attribute("error.type", "latency_budget")
+                        return None, f"primary exceeded its {self.latency_budget_ms} ms budget", True
+                _check_length(pred, len(frame), "primary")
+                return pred, None, False
+            except Exception as e:
+                log.warning("primary model %s failed on %d row(s): %s", self.primary.name, len(frame), e)
+                pspan.record_exception(e)
+                pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
+                pspan.set_attribute("error.type", type(e).__name__)
+                return None, f"{type(e).__name__}: {e}", False
+
+    def _predict_within_budget(self, frame: pd.DataFrame) -> Prediction | None:
+        assert self._executor is not None and self.latency_budget_ms is not None
+        with self._lock:
+            if self._inflight >= self.max_primary_inflight:
+                return None  # earlier late calls still running: do not pile up more
+            self._inflight += 1
+        fut = self._executor.submit(self.primary.predict, frame)
+        fut.add_done_callback(self._release)
+        try:
+            return fut.result(timeout=self.latency_budget_ms / 1e3)
+        except FutureTimeout:
+            return None
+
+    def _release(self, _: Any) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def _assemble(self, n: int, routes: np.ndarray, reasons: list[list[str]],
+                  primary_idx: np.ndarray, primary_pred: Prediction | None,
+                  fb_idx: np.ndarray, fallback_pred: Prediction | None) -> GuardedResult:
+        classification = self.profile.task == "classification"
+        empty: Any = None if classification else np.nan
+        dtype = object if classification else np.float64
+        primary_full = np.full(n, empty, dtype=dtype)
+        fallback_full = np.full(n, empty, dtype=dtype)
+        if primary_pred is not None:
+            primary_full[primary_idx] = primary_pred.labels
+        if fallback_pred is not None:
+            fallback_full[fb_idx] = fallback_pred.labels
+        served = np.where(routes == PRIMARY, primary_full, fallback_full)
+        if not classification:
+            served = served.astype(np.float64)
+        probs, classes = None, None
+        if classification:
+            classes = self._classes(primary_pred, fallback_pred)
+            probs = np.full((n, len(classes)), np.nan)
+            if primary_pred is not None and primary_pred.probabilities is not None:
+                probs[primary_idx] = _align(primary_pred, classes)
+            if fallback_pred is not None and fallback_pred.probabilities is not None:
+                fb_rows = routes[fb_idx] == FALLBACK_ROUTE
+                probs[fb_idx[fb_rows]] = _align(fallback_pred, classes)[fb_rows]
+        return GuardedResult(
+            n_rows=n,
+            predictions=served,
+            routes=routes.astype(str),
+            reasons=reasons,
+            timing_ms={},
+            probabilities=probs,
+            classes=classes,
+            primary_predictions=primary_full,
+            fallback_predictions=fallback_full,
+        )
+
+    def _classes(self, *preds: Prediction | None) -> list[Any]:
+        for p in preds:
+            if p is not None and p.classes is not None:
+                return list(p.classes)
+        for m in (self.primary, self.fallback):
+            if getattr(m, "classes", None):
+                return list(m.classes)  # type: ignore[attr-defined]
+        return sorted(self.profile.target_profile.categories) if self.profile.target_profile else []
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _take(frame: pd.DataFrame, idx: np.ndarray, n: int) -> pd.DataFrame:
+    # Slicing a DataFrame costs tens of microseconds; most batches go to one model whole.
+    return frame if idx.size == n else frame.iloc[idx]
+
+
+def _check_length(pred: Prediction, n: int, role: str) -> None:
+    if len(pred) != n:
+        raise ValueError(f"the {role} model returned {len(pred)} predictions for {n} rows")
+
+
+def _align(pred: Prediction, classes: list[Any]) -> np.ndarray:
+    """Probabilities reordered to ``classes`` (matched as text; absent classes get 0)."""
+    assert pred.probabilities is not None
+    own = [str(c) for c in (pred.classes or [])]
+    if own == [str(c) for c in classes]:
+        return pred.probabilities
+    out = np.zeros((pred.probabilities.shape[0], len(classes)))
+    for j, c in enumerate(classes):
+        if str(c) in own:
+            out[:, j] = pred.probabilities[:, own.index(str(c))]
+    return out
+
+
+def _load(spec: ModelSpec, task: str, role: str) -> Model:
+    kw: dict[str, Any] = {}
+    if spec.name:
+        kw["name"] = spec.name
+    if spec.version:
+        kw["version"] = spec.version
+    if spec.callable:
+        return load_model(callable_ref=spec.callable, task=task, **kw)
+    path = spec.path
+    if spec.bentoml_tag:
+        import bentoml  # only when the config names the model store
+
+        try:
+            bm = bentoml.models.get(spec.bentoml_tag)
+        except Exception as e:
+            raise ConfigError(f"{role}.bentoml_tag: no model {spec.bentoml_tag!r} in the BentoML model store ({e})") from e
+        path = bm.path
+        kw.setdefault("name", bm.tag.name)
+        kw.setdefault("version", bm.tag.version)
+    return load_model(path, task=task, trusted=spec.trusted, **kw)
