@@ -1,0 +1,271 @@
+"""The ``guarded-serving`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .errors import GuardedServingError
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 10_000
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV or Parquet file as a DataFrame."""
+    p = Path(path)
+    if not p.exists():
+        raise GuardedServingError(f"no such file: {p}")
+    if p.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(p)
+    if p.suffix in (".csv", ".txt") or p.suffix.endswith(".gz"):
+        return pd.read_csv(p)
+    raise GuardedServingError(f"cannot read {p}: expected a .csv or .parquet file")
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    p = Path(path)
+    if p.suffix == ".csv":
+        df.to_csv(p, index=False)
+    else:
+        df.to_parquet(p, index=False)
+
+
+def _chunks(df: pd.DataFrame, desc: str) -> Any:
+    starts = range(0, max(len(df), 1), CHUNK_ROWS)
+    bar = tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 3, file=sys.stderr)
+    for s in bar:
+        yield df.iloc[s : s + CHUNK_ROWS]
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .adapters import load_model
+    from .profile import build_profile
+
+    data = read_table(args.data)
+    if args.target in data.columns and data[args.target].isna().any():
+        # Production exports carry rows without outcomes: a profile needs the target.
+        n = int(data[args.target].isna().sum())
+        print(f"dropping {n} row(s) without a {args.target!r} value", file=sys.stderr)
+        data = data[data[args.target].notna()]
+    exclude = list(args.exclude or [])
+    if args.from_export:
+        exclude += [c for c in EXPORT_META_COLUMNS if c in data.columns and c != args.target]
+    primary = load_model(args.primary, trusted=args.trusted) if args.primary else None
+    fallback = load_model(args.fallback, trusted=args.trusted) if args.fallback else None
+    holdout = read_table(args.holdout) if args.holdout else None
+    with tqdm(total=1, desc="profiling", file=sys.stderr, disable=len(data) < 50_000) as bar:
+        profile = build_profile(data, args.target, exclude=exclude, task=args.task,
+                                n_bins=args.bins, primary=primary, fallback=fallback,
+                                holdout=holdout, source=str(args.data))
+        bar.update()
+    profile.save(args.out)
+    kinds = Counter(f.kind for f in profile.features)
+    print(f"profiled {profile.n_rows} rows, {len(profile.features)} features "
+          f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); task {profile.task}; "
+          f"wrote {args.out} ({profile.content_hash[:19]}...)")
+    for role, metrics in profile.baseline.items():
+        print(f"baseline {role}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+#: Columns that ``guarded-serving export`` adds beside the features; not features themselves.
+EXPORT_META_COLUMNS = (
+    "request_id", "row", "ts", "route", "reasons", "primary_prediction", "fallback_prediction",
+    "served_prediction", "prediction", "probabilities", "latency_ms", "model", "primary_model",
+    "primary_version", "fallback_model", "fallback_version", "outcome_ts",
+)
+
+
+def cmd_fallback(args: argparse.Namespace) -> int:
+    from .fallback import FallbackTrainer
+
+    data = read_table(args.data)
+    trainer = FallbackTrainer(task=args.task, alpha=args.alpha, C=args.C,
+                              clip_margin=args.clip_margin, name=args.name)
+    trainer.fit(data, args.target, exclude=args.exclude or ())
+    trainer.save_onnx(args.out)
+    coefs = sorted(trainer.coefficients().items(), key=lambda kv: -abs(kv[1]))[:8]
+    print(f"trained {args.task} fallback on {len(data)} rows, "
+          f"{len(trainer.numeric_)} numeric and {len(trainer.categorical_)} categorical features; wrote {args.out}")
+    print("largest coefficients: " + ", ".join(f"{k}={v:+.4g}" for k, v in coefs))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import FALLBACK, OK, REJECT, check_batch
+    from .policy import Policy
+    from .profile import Profile
+
+    profile = Profile.load(args.profile)
+    policy = Policy.from_dict(json.loads(args.policy)) if args.policy else Policy()
+    data = read_table(args.data)
+    totals = Counter[str]()
+    reasons = Counter[str]()
+    problems = Counter[str]()
+    extra: set[str] = set()
+    for chunk in _chunks(data, "checking"):
+        v = check_batch(chunk, profile, policy)
+        totals["pass"] += int((v.status == OK).sum())
+        totals["fallback"] += int((v.status == FALLBACK).sum())
+        totals["rejected"] += int((v.status == REJECT).sum())
+        reasons.update(v.reason_counts())
+        problems.update(f"{p.problem}:{p.column}" for p in v.problems)
+        extra.update(v.extra_columns)
+    n = len(data)
+    report = {
+        "rows": n,
+        "pass": totals["pass"],
+        "fallback": totals["fallback"],
+        "rejected": totals["rejected"],
+        "reasons": dict(reasons.most_common()),
+        "schema_problems": dict(problems.most_common()),
+        "extra_columns": sorted(extra),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    pct = (lambda k: 100.0 * report[k] / n if n else 0.0)  # noqa: E731
+    print(f"{n} rows: {report['pass']} pass ({pct('pass'):.2f}%), {report['fallback']} to fallback "
+          f"({pct('fallback'):.2f}%), {report['rejected']} rejected ({pct('rejected'):.2f}%)")
+    if reasons:
+        print("\nreasons (rows)\n" + "\n".join(f"  {r:<40} {c}" for r, c in reasons.most_common()))
+    if problems:
+        print("\nschema problems (rows)\n" + "\n".join(f"  {r:<40} {c}" for r, c in problems.most_common()))
+    if extra:
+        print(f"\ncolumns not in the profile (ignored): {', '.join(sorted(extra))}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .guard import GuardedModel
+
+    config = load_config(args.config)
+    gm = GuardedModel.from_config(config, shadow_fallback=False)
+    data = read_table(args.data)
+    parts = []
+    for chunk in _chunks(data, "predicting"):
+        r = gm.predict(chunk, on_reject="mark")
+        part = pd.DataFrame({
+            "prediction": r.predictions,
+            "route": r.routes,
+            "reasons": [";".join(x) for x in r.reasons],
+        }, index=chunk.index)
+        if r.probabilities is not None:
+            for j, c in enumerate(r.classes or []):
+                part[f"proba_{c}"] = r.probabilities[:, j]
+        parts.append(part)
+    out = pd.concat(parts) if parts else pd.DataFrame(columns=["prediction", "route", "reasons"])
+    counts = out["route"].value_counts().to_dict()
+    summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("primary", "fallback", "rejected"))
+    if args.out:
+        write_table(pd.concat([data, out], axis=1), args.out)
+        print(f"{len(out)} rows: {summary}; wrote {args.out}")
+    else:
+        print(out.to_csv(index=False), end="")
+        print(f"{len(out)} rows: {summary}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import serve
+
+    return serve(args.config, host=args.host, port=args.port, workers=args.workers)
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="guarded-serving",
+        description="Serve any trained model behind a guard: profile the training data, train a "
+                    "fallback, check data, predict and serve.",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("profile", help="build the training profile of a CSV/Parquet file")
+    p.add_argument("data", help="training data (.csv or .parquet)")
+    p.add_argument("--target", required=True, help="the target column")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--exclude", nargs="*", metavar="COL", help="columns that are not features")
+    p.add_argument("--task", choices=["regression", "classification"], help="default: inferred from the target")
+    p.add_argument("--bins", type=int, default=20, help="histogram bins per numeric feature (default 20)")
+    p.add_argument("--primary", help="primary model file: records its predictions and holdout baseline")
+    p.add_argument("--fallback", help="fallback model file: records its holdout baseline")
+    p.add_argument("--holdout", help="held-out split for the baseline performance")
+    p.add_argument("--trusted", action="store_true", help="allow loading pickle/joblib models")
+    p.add_argument("--from-export", action="store_true",
+                   help="the data comes from `guarded-serving export`: skip its log columns")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("fallback", help="train the interpretable fallback model and export it as ONNX")
+    p.add_argument("data")
+    p.add_argument("--target", required=True)
+    p.add_argument("--task", required=True, choices=["regression", "classification"])
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--exclude", nargs="*", metavar="COL")
+    p.add_argument("--alpha", type=float, default=1.0, help="ridge penalty (regression)")
+    p.add_argument("--C", type=float, default=1.0, help="inverse regularisation (classification)")
+    p.add_argument("--clip-margin", type=float, default=0.5,
+                   help="clip inputs to the training range widened by this fraction of it (default 0.5)")
+    p.add_argument("--name", default="fallback", help="model name recorded in the ONNX metadata")
+    p.set_defaults(func=cmd_fallback)
+
+    p = sub.add_parser("check", help="count rows that pass, go to the fallback or are rejected")
+    p.add_argument("data")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--policy", help='policy overrides as JSON, e.g. \'{"range_margin": 0.1}\'')
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("predict", help="run the guarded model in-process over a file")
+    p.add_argument("config", help="serving config YAML")
+    p.add_argument("data")
+    p.add_argument("--out", help="write rows with prediction, route and reasons (.parquet or .csv)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a guarded model over HTTP with BentoML")
+    p.add_argument("config", nargs="?", default=None, help="serving config (default: the example)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_serve)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GuardedServingError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        for p in e.problems[:20]:
+            print(f"  - {json.dumps(p.to_dict(), default=str)}", file=sys.stderr)
+        if len(e.problems) > 20:
+            print(f"  ... and {len(e.problems) - 20} more", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,132 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from guarded_serving.checks import FALLBACK, OK, REJECT, check_batch
+from guarded_serving.errors import PayloadError
+from guarded_serving.policy import Policy
+from guarded_serving.profile import Profile, build_profile
+
+from ._data import TARGET, features, holdout, train
+
+
+@pytest.fixture(scope="module")
+def profile() -> Profile:
+    return build_profile(train(), TARGET)
+
+
+def test_held_out_rows_from_the_training_population_pass(profile: Profile) -> None:
+    v = check_batch(features(holdout()), profile)
+    flagged = (v.status != OK).mean()
+    assert flagged <= 0.01, f"{flagged:.2%} of in-distribution rows flagged"
+    assert not v.problems
+
+
+def _row(**changes):
+    base = features(holdout()).iloc[[0]].reset_index(drop=True)
+    for k, val in changes.items():
+        base[k] = base[k].astype(object) if not isinstance(val, (int, float)) else base[k]
+        base.loc[0, k] = val
+    return base
+
+
+def test_numeric_beyond_range_goes_to_fallback(profile: Profile) -> None:
+    v = check_batch(_row(depth=90.0), profile)
+    assert v.status.tolist() == [FALLBACK]
+    assert "out_of_range:depth" in v.reasons()[0]
+
+
+def test_range_margin_widens_the_range(profile: Profile) -> None:
+    hi = profile.feature("table").max
+    row = _row(table=hi * 1.01)
+    assert "out_of_range:table" in check_batch(row, profile).reasons()[0]
+    lenient = Policy(range_margin=0.5)
+    assert "out_of_range:table" not in check_batch(row, profile, lenient).reasons()[0]
+
+
+def test_unseen_category_goes_to_fallback(profile: Profile) -> None:
+    v = check_batch(_row(cut="Excellent"), profile)
+    assert v.status.tolist() == [FALLBACK]
+    assert v.reasons()[0] == ["unseen_category:cut"]
+
+
+def test_null_where_training_had_none(profile: Profile) -> None:
+    v = check_batch(_row(color=None), profile)
+    assert v.reasons()[0] == ["null_unseen:color"]
+    v = check_batch(_row(depth=np.nan), profile)
+    assert v.reasons()[0] == ["null_unseen:depth"]
+
+
+def test_joint_outlier_with_every_value_in_range(profile: Profile) -> None:
+    # A stone whose length is the largest seen but whose width is the smallest: each value was
+    # seen in training, the combination never.
+    x_max = profile.feature("x").quantiles["0.99"]
+    y_min = profile.feature("y").quantiles["0.01"]
+    v = check_batch(_row(x=x_max, y=y_min), profile)
+    assert v.reasons()[0] == ["outlier"]
+    assert v.outlier_scores is not None and v.outlier_scores[0] > profile.outlier.threshold(0.999)
+
+
+def test_schema_violations_are_rejected_naming_row_and_column(profile: Profile) -> None:
+    rows = features(holdout()).iloc[:3].to_dict(orient="records")
+    rows[1]["carat"] = "heavy"
+    rows[2]["cut"] = {"nested": True}
+    v = check_batch(rows, profile)
+    assert v.status.tolist() == [OK, REJECT, REJECT]
+    problems = {(p.row, p.column): p for p in v.problems}
+    assert problems[(1, "carat")].expected == "number" and problems[(1, "carat")].got == "heavy"
+    assert (2, "cut") in problems
+
+
+def test_missing_column_rejects_the_batch(profile: Profile) -> None:
+    v = check_batch(features(holdout()).iloc[:4].drop(columns=["clarity"]), profile)
+    assert (v.status == REJECT).all()
+    assert [(p.problem, p.column) for p in v.problems] == [("missing column", "clarity")]
+
+
+def test_missing_key_in_one_row(profile: Profile) -> None:
+    rows = features(holdout()).iloc[:2].to_dict(orient="records")
+    del rows[0]["x"]
+    v = check_batch(rows, profile)
+    assert v.status.tolist() == [REJECT, OK]
+    assert (v.problems[0].row, v.problems[0].column, v.problems[0].problem) == (0, "x", "missing value")
+
+
+def test_numbers_as_strings_are_coerced(profile: Profile) -> None:
+    rows = features(holdout()).iloc[:1].to_dict(orient="records")
+    rows[0]["carat"] = str(rows[0]["carat"])
+    v = check_batch(rows, profile)
+    assert v.status.tolist() == [OK]
+    assert v.features["carat"].dtype == np.float64
+
+
+def test_extra_columns_ignored_and_listed_or_rejected(profile: Profile) -> None:
+    df = features(holdout()).iloc[:2].assign(note="hi")
+    v = check_batch(df, profile)
+    assert v.extra_columns == ["note"] and (v.status == OK).all()
+    v = check_batch(df, profile, Policy(extra_columns="reject"))
+    assert (v.status == REJECT).all() and v.problems[0].column == "note"
+
+
+def test_integer_and_boolean_columns() -> None:
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"i": rng.integers(0, 5, 300), "b": rng.random(300) > 0.5,
+                       "y": rng.normal(size=300)})
+    p = build_profile(df, "y")
+    v = check_batch({"i": [1, 2.5, "3"], "b": [True, "false", "maybe"]}, p)
+    assert v.status.tolist() == [OK, REJECT, REJECT]
+    assert {(pr.row, pr.column) for pr in v.problems} == {(1, "i"), (2, "b")}
+    assert "out_of_range:i" in check_batch({"i": [9], "b": [1]}, p).reasons()[0]
+
+
+def test_bad_batch_shapes_raise_payload_errors(profile: Profile) -> None:
+    with pytest.raises(PayloadError):
+        check_batch([1, 2, 3], profile)
+    with pytest.raises(PayloadError):
+        check_batch({"carat": [1.0], "cut": ["Good", "Ideal"]}, profile)
+
+
+def test_reason_counts(profile: Profile) -> None:
+    df = pd.concat([_row(depth=90.0), _row(cut="Excellent"), _row(cut="Excellent")])
+    assert check_batch(df, profile).reason_counts() == {
+        "out_of_range:depth": 1, "outlier": 1, "unseen_category:cut": 2}
