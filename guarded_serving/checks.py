@@ -47,17 +47,25 @@ class Verdicts:
     """The checks' result for a batch.
 
     ``status`` holds per row OK (0), FALLBACK (1) or REJECT (2). ``flags`` is a boolean matrix
-    (rows x ``flag_names``); each flag name is a reason string. ``features`` is the batch coerced
-    to the profile's types, in profile column order, ready for the models.
+    (rows x ``flag_names``); each flag name is a reason string. ``columns`` is the batch coerced
+    to the profile's types (numeric: float64 with NaN for null; others: str with None), in profile
+    column order, ready for the models; ``features`` is the same as a DataFrame, built on demand.
     """
 
     status: np.ndarray
     flags: np.ndarray
     flag_names: list[str]
-    features: pd.DataFrame
+    columns: dict[str, Any]
     problems: list[Problem] = field(default_factory=list)
     extra_columns: list[str] = field(default_factory=list)
     outlier_scores: np.ndarray | None = None
+    _frame: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def features(self) -> pd.DataFrame:
+        if self._frame is None:
+            self._frame = pd.DataFrame(self.columns, copy=False)
+        return self._frame
 
     @property
     def n_rows(self) -> int:
@@ -172,8 +180,7 @@ def check_batch(
                 oor = (values < fp.min - margin) | (values > fp.max + margin)
             flag(f"{OUT_OF_RANGE}:{fp.name}", oor)
         elif policy.check_categories:
-            known = pd.Index(list(fp.categories))
-            unseen = ~null & ~known.get_indexer(values).__ge__(0)
+            unseen = ~null & ~_isin(values, fp)
             if bad is not None:
                 unseen &= ~bad
             flag(f"{UNSEEN_CATEGORY}:{fp.name}", unseen)
@@ -188,11 +195,23 @@ def check_batch(
     flags = np.column_stack(flag_cols) if flag_cols else np.zeros((n, 0), dtype=bool)
     if flag_cols:
         status[(flags.any(axis=1)) & (status != REJECT)] = FALLBACK
-    features = pd.DataFrame(coerced, columns=profile.feature_names, copy=False)
-    return Verdicts(status, flags, flag_names, features, problems, extra, scores)
+    return Verdicts(status, flags, flag_names, coerced, problems, extra, scores)
 
 
 # -- coercion ----------------------------------------------------------------------------------
+
+#: Below this many rows, plain Python over a column beats pandas' per-call overhead (a single-row
+#: request would otherwise spend most of its time in pandas constructors).
+SMALL = 64
+_NUMBER_TYPES = (int, float)
+
+
+def _isin(values: Any, fp: FeatureProfile) -> np.ndarray:
+    if len(values) <= SMALL and isinstance(values, np.ndarray):
+        known = fp.category_set
+        return np.fromiter((v in known for v in values), bool, len(values))
+    return pd.Series(values, copy=False).isin(list(fp.categories)).to_numpy()
+
 
 _MISSING = object()  # a row that lacks the key altogether (rows given as mappings)
 _EXPECTED = {
@@ -229,6 +248,8 @@ def _coerce(raw: Any, fp: FeatureProfile) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     arr = raw.to_numpy() if isinstance(raw, pd.Series) else raw
+    if isinstance(arr, list) and all(type(v) in _NUMBER_TYPES for v in arr):
+        arr = np.array(arr, dtype=np.float64)
     if isinstance(arr, np.ndarray) and arr.dtype.kind in "fiu":
         values = arr.astype(np.float64, copy=False)
         null = np.isnan(values)
@@ -259,32 +280,38 @@ def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np
     return values, null, bad
 
 
-def _coerce_categorical(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    s = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw, dtype=object), dtype=object)
+def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """Values come back as the column's own pandas array for typed string columns, else as an
+    object array of str (None for null)."""
+    if isinstance(raw, pd.Series) and (
+        isinstance(raw.dtype, pd.CategoricalDtype)
+        or (pd.api.types.is_string_dtype(raw.dtype) and raw.dtype != object)
+    ):
+        # A typed string column: keep its (Arrow) array, no conversion on the hot path.
+        return raw.array, raw.isna().to_numpy(), None
+    if isinstance(raw, list) and all(type(v) is str for v in raw):
+        return np.array(raw, dtype=object), np.zeros(len(raw), dtype=bool), None
+    obj = raw.to_numpy(dtype=object) if isinstance(raw, pd.Series) else np.asarray(raw, dtype=object)
+    if obj.ndim != 1:  # a list of lists became 2-D
+        obj = np.fromiter(iter(raw), object, len(raw))
     missing = None
     if isinstance(raw, list):
         missing = np.fromiter((v is _MISSING for v in raw), bool, len(raw))
         if missing.any():
-            s = s.where(~missing, None)
+            obj = obj.copy()
+            obj[missing] = None
         else:
             missing = None
-    null = s.isna().to_numpy()
+    null = pd.isna(obj)
     # Nested objects (lists, dicts) are not categories.
-    obj = s.to_numpy(dtype=object)
-    if s.dtype == object:
-        nested = np.fromiter((isinstance(v, (list, dict, tuple, set)) for v in obj), bool, len(obj))
-    else:
-        nested = np.zeros(len(obj), dtype=bool)
+    nested = np.fromiter((isinstance(v, (list, dict, tuple, set)) for v in obj), bool, len(obj))
     bad = nested if nested.any() else None
     if missing is not None:
         bad = missing if bad is None else (bad | missing)
-    if pd.api.types.is_string_dtype(s.dtype) and s.dtype != object:
-        values = s.to_numpy(dtype=object, na_value=None)
-    else:
-        values = np.where(null, None, s.astype(str).to_numpy(dtype=object))
+    text = np.where(null, None, obj.astype(str)).astype(object) if obj.size else obj
     if bad is not None:
         null = null & ~bad
-    return values, null, bad
+    return text, null, bad
 
 
 def _coerce_boolean(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

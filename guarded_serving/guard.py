@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from .adapters import Model, Prediction, load_model
-from .checks import LATENCY_BUDGET, OK, PRIMARY_ERROR, check_batch
+from .checks import LATENCY_BUDGET, OK, PRIMARY_ERROR, Verdicts, check_batch
 from .config import ModelSpec, ServingConfig
 from .errors import ConfigError, FallbackFailedError, SchemaError
 from .policy import Policy
@@ -52,12 +52,16 @@ class GuardedResult:
     budget_missed: bool = False
     primary_error: str | None = None
     extra_columns: list[str] = field(default_factory=list)
-    features: pd.DataFrame | None = None
+    verdicts: Verdicts | None = None
     reason_counts: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def features(self) -> pd.DataFrame | None:
+        """The batch coerced to the profile's types, in profile column order."""
+        return None if self.verdicts is None else self.verdicts.features
+
     def route_counts(self) -> dict[str, int]:
-        names, counts = np.unique(self.routes, return_counts=True)
-        return {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+        return {r: int(np.count_nonzero(self.routes == r)) for r in (PRIMARY, FALLBACK_ROUTE, REJECTED)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready body (NaN becomes null)."""
@@ -162,7 +166,6 @@ class GuardedModel:
                     verdicts.problems,
                 )
             reasons = verdicts.reasons()
-            features = verdicts.features
             routes = np.full(n, FALLBACK_ROUTE, dtype=object)
             routes[status == OK] = PRIMARY
             routes[verdicts.rejected] = REJECTED
@@ -172,7 +175,7 @@ class GuardedModel:
             primary_pred, err, missed = None, None, False
             t_primary_start = time.perf_counter()
             if primary_idx.size:
-                primary_pred, err, missed = self._run_primary(_take(features, primary_idx, n))
+                primary_pred, err, missed = self._run_primary(verdicts, primary_idx)
                 if primary_pred is None:
                     code = LATENCY_BUDGET if missed else PRIMARY_ERROR
                     routes[primary_idx] = FALLBACK_ROUTE
@@ -192,7 +195,7 @@ class GuardedModel:
                     fspan.set_attribute("guarded_serving.rows", int(need.size))
                     fspan.set_attribute("guarded_serving.rows.shadow", int(fb_idx.size - need.size))
                     try:
-                        fallback_pred = self.fallback.predict(_take(features, fb_idx, n))
+                        fallback_pred = _predict(self.fallback, verdicts, fb_idx)
                         _check_length(fallback_pred, fb_idx.size, "fallback")
                     except Exception as e:
                         fspan.record_exception(e)
@@ -219,7 +222,7 @@ class GuardedModel:
             result.budget_missed = missed
             result.primary_error = err
             result.extra_columns = verdicts.extra_columns
-            result.features = features
+            result.verdicts = verdicts
             result.reason_counts = reason_counts
             counts = result.route_counts()
             span.set_attribute("guarded_serving.rows.primary", counts.get(PRIMARY, 0))
@@ -230,41 +233,41 @@ class GuardedModel:
             if missed:
                 span.set_attribute("guarded_serving.latency_budget_missed", True)
             if self.policy.record_feature_values and n <= 100:
-                span.set_attribute("guarded_serving.features", features.to_json(orient="records"))
+                span.set_attribute("guarded_serving.features", verdicts.features.to_json(orient="records"))
             return result
 
-    def _run_primary(self, frame: pd.DataFrame) -> tuple[Prediction | None, str | None, bool]:
+    def _run_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
         """(prediction or None, error text, budget missed)."""
         with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
             pspan.set_attribute("guarded_serving.model.name", self.primary.name)
             pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
-            pspan.set_attribute("guarded_serving.rows", len(frame))
+            pspan.set_attribute("guarded_serving.rows", int(idx.size))
             try:
                 if self._executor is None:
-                    pred = self.primary.predict(frame)
+                    pred = _predict(self.primary, verdicts, idx)
                 else:
-                    pred = self._predict_within_budget(frame)
+                    pred = self._predict_within_budget(verdicts, idx)
                     if pred is None:
                         pspan.set_attribute("guarded_serving.latency_budget_missed", True)
                         pspan.set_status(Status(StatusCode.ERROR, "latency_budget"))
                         pspan.set_attribute("error.type", "latency_budget")
                         return None, f"primary exceeded its {self.latency_budget_ms} ms budget", True
-                _check_length(pred, len(frame), "primary")
+                _check_length(pred, idx.size, "primary")
                 return pred, None, False
             except Exception as e:
-                log.warning("primary model %s failed on %d row(s): %s", self.primary.name, len(frame), e)
+                log.warning("primary model %s failed on %d row(s): %s", self.primary.name, idx.size, e)
                 pspan.record_exception(e)
                 pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
                 pspan.set_attribute("error.type", type(e).__name__)
                 return None, f"{type(e).__name__}: {e}", False
 
-    def _predict_within_budget(self, frame: pd.DataFrame) -> Prediction | None:
+    def _predict_within_budget(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
         assert self._executor is not None and self.latency_budget_ms is not None
         with self._lock:
             if self._inflight >= self.max_primary_inflight:
                 return None  # earlier late calls still running: do not pile up more
             self._inflight += 1
-        fut = self._executor.submit(self.primary.predict, frame)
+        fut = self._executor.submit(_predict, self.primary, verdicts, idx)
         fut.add_done_callback(self._release)
         try:
             return fut.result(timeout=self.latency_budget_ms / 1e3)
@@ -325,9 +328,15 @@ class GuardedModel:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _take(frame: pd.DataFrame, idx: np.ndarray, n: int) -> pd.DataFrame:
-    # Slicing a DataFrame costs tens of microseconds; most batches go to one model whole.
-    return frame if idx.size == n else frame.iloc[idx]
+def _predict(model: Model, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
+    """Run ``model`` on the rows at ``idx``; models that take columns skip the DataFrame."""
+    whole = idx.size == verdicts.n_rows  # most batches go to one model whole: no slicing
+    predict_columns = getattr(model, "predict_columns", None)
+    if predict_columns is not None:
+        cols = verdicts.columns
+        return predict_columns(cols if whole else {k: v[idx] for k, v in cols.items()})  # type: ignore[no-any-return]
+    frame = verdicts.features
+    return model.predict(frame if whole else frame.iloc[idx])
 
 
 def _check_length(pred: Prediction, n: int, role: str) -> None:

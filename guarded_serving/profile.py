@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -79,6 +80,10 @@ class FeatureProfile:
     @property
     def is_numeric(self) -> bool:
         return self.kind in NUMERIC_KINDS
+
+    @cached_property
+    def category_set(self) -> frozenset[str]:
+        return frozenset(self.categories)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -158,7 +163,7 @@ class OutlierModel:
         z = (matrix - np.asarray(self.center)) / np.asarray(self.scale)
         z = np.where(np.isnan(z), 0.0, z)
         p = np.asarray(self.precision)
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, p, z), 0.0))
+        return np.sqrt(np.maximum(((z @ p) * z).sum(axis=1), 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,30 +67,38 @@ class OnnxModel:
     def _guess_task(self) -> str:
         return "classification" if len(self.outputs) >= 2 else "regression"
 
-    def _feeds(self, data: pd.DataFrame) -> dict[str, np.ndarray]:
-        names = {i.name for i in self.inputs}
-        if len(self.inputs) == 1 and self.inputs[0].name not in data.columns:
+    def _feeds(self, columns: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if len(self.inputs) == 1 and self.inputs[0].name not in columns:
             inp = self.inputs[0]
-            cols = self.columns or list(data.columns)
+            cols = self.columns or list(columns)
             dtype = _NUMPY_OF.get(inp.type, np.float32)
-            return {inp.name: data[cols].to_numpy(dtype=dtype)}
-        missing = sorted(names - set(data.columns))
+            return {inp.name: np.column_stack([np.asarray(columns[c], dtype=dtype) for c in cols])}
+        missing = sorted(i.name for i in self.inputs if i.name not in columns)
         if missing:
             raise ModelLoadError(f"{self.path.name}: the graph wants inputs {missing} the data lacks")
         feeds = {}
         for inp in self.inputs:
             dtype = _NUMPY_OF.get(inp.type, np.float32)
-            col = data[inp.name].to_numpy()
             if dtype is object:
-                arr = np.asarray(col, dtype=object)
-                arr = np.where(pd.isna(arr), "", arr).astype(str).astype(object)
+                arr = np.asarray(columns[inp.name], dtype=object)
+                if len(arr) <= 64:  # pd.isna costs more than this loop on a few rows
+                    null = np.fromiter((v is None or v != v for v in arr), bool, len(arr))
+                else:
+                    null = pd.isna(arr)
+                if null.any():
+                    arr = arr.copy()
+                    arr[null] = ""
             else:
-                arr = col.astype(dtype, copy=False)
+                arr = np.asarray(columns[inp.name], dtype=dtype)
             feeds[inp.name] = arr.reshape(-1, 1) if len(inp.shape) == 2 else arr
         return feeds
 
     def predict(self, data: pd.DataFrame) -> Prediction:
-        outs = self.session.run(None, self._feeds(data))
+        return self.predict_columns({str(c): data[c].to_numpy() for c in data.columns})
+
+    def predict_columns(self, columns: Mapping[str, Any]) -> Prediction:
+        """Predict from a mapping of column name -> 1-D array (skips building a DataFrame)."""
+        outs = self.session.run(None, self._feeds(columns))
         if self.task == "regression":
             return Prediction(np.asarray(outs[0], dtype=np.float64).reshape(-1))
         labels = np.asarray(outs[0]).reshape(-1)

@@ -1,0 +1,203 @@
+"""Benchmark: the guard's batch check and single-row guarded prediction, beside their peers.
+
+    python bench/bench_checks.py            # full run (about a minute, plus a one-off venv for pandera)
+    python bench/bench_checks.py --quick    # fewer repeats
+
+In one run, on the same ~100,000 rows of the example data (train, holdout and shifted serving rows,
+resampled), it times:
+  * our ``check_batch`` (coercion, nulls, ranges, categories, the multivariate outlier score);
+  * the floor: plain numpy range checks and ``np.isin`` category checks over the same columns;
+  * pandera validating the same ranges, categories and non-nullability (lazy, so it reports every
+    failure as we do). pandera runs from its own virtualenv (.bench-venvs/pandera), created on first
+    use, on the same rows written to Parquet;
+and single-row latency, median and p99: the guarded model in-process (one JSON-like row, as the
+service passes it) beside the bare onnxruntime call for the same row.
+Results go to stdout and bench/results/checks.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+EXAMPLE = ROOT / "models" / "diamonds"
+VENV = ROOT / ".bench-venvs" / "pandera"
+RESULTS = ROOT / "bench" / "results" / "checks.json"
+
+PANDERA_WORKER = r'''
+import json, sys, time
+import numpy as np, pandas as pd
+import pandera
+import pandera.pandas as pa
+
+spec = json.load(open(sys.argv[1]))
+df = pd.read_parquet(sys.argv[2])
+repeats = int(sys.argv[3])
+cols = {}
+for f in spec["features"]:
+    if f["kind"] in ("numeric", "integer"):
+        cols[f["name"]] = pa.Column(float, pa.Check.in_range(f["min"], f["max"]), nullable=f["null_count"] > 0)
+    else:
+        cols[f["name"]] = pa.Column(str, pa.Check.isin(list(f["categories"])), nullable=f["null_count"] > 0)
+schema = pa.DataFrameSchema(cols)
+times, failures = [], None
+for _ in range(repeats):
+    t = time.perf_counter()
+    try:
+        schema.validate(df, lazy=True)
+        failures = 0
+    except pa.errors.SchemaErrors as e:
+        failures = len(e.failure_cases)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"times": times, "failure_cases": failures, "pandera": pandera.__version__}))
+'''
+
+
+def load_rows(n: int) -> pd.DataFrame:
+    parts = [pd.read_parquet(EXAMPLE / "data" / f"{s}.parquet") for s in ("train", "holdout", "serve")]
+    df = pd.concat(parts, ignore_index=True).drop(columns=["price"])
+    return df.sample(n=n, replace=True, random_state=0).reset_index(drop=True)
+
+
+def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    fn()  # warm up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def numpy_floor(df: pd.DataFrame, profile) -> np.ndarray:  # type: ignore[no-untyped-def]
+    bad = np.zeros(len(df), dtype=bool)
+    for f in profile.features:
+        a = df[f.name].to_numpy()
+        if f.is_numeric:
+            bad |= (a < f.min) | (a > f.max)
+        else:
+            bad |= ~np.isin(a, np.array(list(f.categories), dtype=object))
+    return bad
+
+
+def ensure_pandera_venv() -> Path:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        print(f"creating {VENV} for pandera (one-off)...", file=sys.stderr)
+        venv.create(VENV, with_pip=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "pandera>=0.20", "pandas", "pyarrow"],
+                       check=True)
+    return py
+
+
+def run_pandera(df: pd.DataFrame, profile, repeats: int) -> dict:  # type: ignore[no-untyped-def]
+    py = ensure_pandera_venv()
+    with tempfile.TemporaryDirectory() as d:
+        spec = Path(d) / "spec.json"
+        spec.write_text(json.dumps({"features": [f.to_dict() for f in profile.features]}))
+        data = Path(d) / "rows.parquet"
+        df.to_parquet(data)
+        worker = Path(d) / "worker.py"
+        worker.write_text(PANDERA_WORKER)
+        out = subprocess.run([str(py), str(worker), str(spec), str(data), str(repeats)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"pandera worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def single_row(repeats: int) -> dict[str, list[float]]:
+    from guarded_serving.config import load_config
+    from guarded_serving.guard import GuardedModel
+
+    config = load_config(EXAMPLE / "serving.yaml")
+    row = pd.read_parquet(EXAMPLE / "data" / "holdout.parquet").drop(columns=["price"]).iloc[:1]
+    rows = row.to_dict(orient="records")
+    results: dict[str, list[float]] = {}
+    for label, shadow in (("guarded", False), ("guarded+shadow", True)):
+        gm = GuardedModel.from_config(config, shadow_fallback=shadow)
+        results[label] = timed(lambda gm=gm: gm.predict(rows), repeats)
+        gm.close()
+    gm = GuardedModel.from_config(config, shadow_fallback=False)
+    session = gm.primary.session  # type: ignore[attr-defined]
+    feeds = gm.primary._feeds({c: row[c].to_numpy() for c in row.columns})  # type: ignore[attr-defined]
+    results["bare onnxruntime"] = timed(lambda: session.run(None, feeds), repeats)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-pandera", action="store_true", help="skip the pandera peer")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from guarded_serving.checks import check_batch
+    from guarded_serving.policy import Policy
+    from guarded_serving.profile import Profile
+
+    repeats = 5 if args.quick else 21
+    profile = Profile.load(EXAMPLE / "profile.json")
+    df = load_rows(args.rows)
+
+    ours = timed(lambda: check_batch(df, profile), repeats)
+    # The same checks pandera is given: types, nulls, ranges, categories (no outlier score).
+    same = Policy(outlier_quantile=None)
+    ours_same = timed(lambda: check_batch(df, profile, same), repeats)
+    floor = timed(lambda: numpy_floor(df, profile), repeats)
+    v = check_batch(df, profile)
+    floor_flags = int(numpy_floor(df, profile).sum())
+    results: dict = {
+        "rows": len(df),
+        "check_ms": {"ours": float(np.median(ours) * 1e3),
+                     "ours_same_checks_as_pandera": float(np.median(ours_same) * 1e3),
+                     "numpy_floor": float(np.median(floor) * 1e3)},
+        "flagged": {"ours_range_category_or_outlier": int((v.status != 0).sum()),
+                    "numpy_floor_range_or_category": floor_flags},
+    }
+    if not args.no_pandera:
+        pa = run_pandera(df, profile, max(3, repeats // 3))
+        results["check_ms"]["pandera"] = float(np.median(pa["times"]) * 1e3)
+        results["pandera_version"] = pa["pandera"]
+        results["pandera_failure_cases"] = pa["failure_cases"]
+
+    lat = single_row(500 if args.quick else 3000)
+    results["single_row_us"] = {
+        k: {"median": float(np.median(t) * 1e6), "p99": float(np.percentile(t, 99) * 1e6)}
+        for k, t in lat.items()
+    }
+
+    c = results["check_ms"]
+    print(f"\nbatch check over {len(df):,} rows (median of {repeats})")
+    same_ms = c["ours_same_checks_as_pandera"]
+    print(f"  {'ours, full (with outlier score)':<40} {c['ours']:9.1f} ms")
+    print(f"  {'ours, ranges+categories+nulls only':<40} {same_ms:9.1f} ms")
+    print(f"  {'numpy floor (range + np.isin)':<40} {c['numpy_floor']:9.1f} ms   ours full/floor = {c['ours'] / c['numpy_floor']:.2f}x (target <= 2x)")
+    if "pandera" in c:
+        print(f"  {'pandera ' + results['pandera_version'] + ' (same checks, lazy)':<40} {c['pandera']:9.1f} ms   "
+              f"pandera/ours same checks = {c['pandera'] / same_ms:.1f}x (target >= 10x); "
+              f"pandera/ours full = {c['pandera'] / c['ours']:.1f}x")
+    print("\nsingle-row prediction latency (µs)")
+    for k, s in results["single_row_us"].items():
+        print(f"  {k:<34} median {s['median']:8.1f}   p99 {s['p99']:8.1f}")
+    bare = results["single_row_us"]["bare onnxruntime"]["median"]
+    print(f"  guarded/bare median = {results['single_row_us']['guarded']['median'] / bare:.1f}x; "
+          f"guard overhead = {results['single_row_us']['guarded']['median'] - bare:.0f} µs")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
