@@ -134,9 +134,9 @@ def test_classification_returns_aligned_probabilities() -> None:
     n = 3000
     df = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "c": rng.choice(["u", "v"], n)})
     df["label"] = np.where(df.a + (df.c == "u") > 0.5, "yes", np.where(df.b > 0, "maybe", "no"))
+    from sklearn.compose import make_column_transformer
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.pipeline import make_pipeline
-    from sklearn.compose import make_column_transformer
     from sklearn.preprocessing import OneHotEncoder
 
     pipe = make_pipeline(
