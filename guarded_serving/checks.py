@@ -175,9 +175,10 @@ def check_batch(
         if fp.is_numeric:
             if fp.count == 0:
                 continue
-            margin = policy.range_margin * ((fp.max or 0.0) - (fp.min or 0.0))
+            lo, hi = float(fp.min or 0.0), float(fp.max or 0.0)
+            margin = policy.range_margin * (hi - lo)
             with np.errstate(invalid="ignore"):
-                oor = (values < fp.min - margin) | (values > fp.max + margin)
+                oor = (values < lo - margin) | (values > hi + margin)
             flag(f"{OUT_OF_RANGE}:{fp.name}", oor)
         elif policy.check_categories:
             unseen = ~null & ~_isin(values, fp)
@@ -308,7 +309,8 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
     bad = nested if nested.any() else None
     if missing is not None:
         bad = missing if bad is None else (bad | missing)
-    text = np.where(null, None, obj.astype(str)).astype(object) if obj.size else obj
+    text = obj.astype(str).astype(object) if obj.size else obj
+    text[null] = None
     if bad is not None:
         null = null & ~bad
     return text, null, bad
@@ -321,6 +323,7 @@ def _coerce_boolean(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
     null = s.isna().to_numpy()
     text = s.astype(str).str.strip().str.lower()
     true, false = text.isin(_TRUE).to_numpy(), text.isin(_FALSE).to_numpy()
-    out = np.where(true, "True", np.where(false, "False", None)).astype(object)
+    out = np.full(len(s), None, dtype=object)
+    out[true], out[false] = "True", "False"
     bad = ~null & ~true & ~false
     return out, null, (bad if bad.any() else None)

@@ -126,7 +126,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems.update(f"{p.problem}:{p.column}" for p in v.problems)
         extra.update(v.extra_columns)
     n = len(data)
-    report = {
+    report: dict[str, Any] = {
         "rows": n,
         "pass": totals["pass"],
         "fallback": totals["fallback"],
@@ -138,7 +138,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    pct = (lambda k: 100.0 * report[k] / n if n else 0.0)  # noqa: E731
+
+    def pct(key: str) -> float:
+        return 100.0 * totals[key] / n if n else 0.0
+
     print(f"{n} rows: {report['pass']} pass ({pct('pass'):.2f}%), {report['fallback']} to fallback "
           f"({pct('fallback'):.2f}%), {report['rejected']} rejected ({pct('rejected'):.2f}%)")
     if reasons:

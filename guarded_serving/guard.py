@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -242,6 +243,7 @@ class GuardedModel:
             pspan.set_attribute("guarded_serving.model.name", self.primary.name)
             pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
             pspan.set_attribute("guarded_serving.rows", int(idx.size))
+            pred: Prediction | None
             try:
                 if self._executor is None:
                     pred = _predict(self.primary, verdicts, idx)
@@ -365,7 +367,7 @@ def _load(spec: ModelSpec, task: str, role: str) -> Model:
         kw["version"] = spec.version
     if spec.callable:
         return load_model(callable_ref=spec.callable, task=task, **kw)
-    path = spec.path
+    path: Path | str | None = spec.path
     if spec.bentoml_tag:
         import bentoml  # only when the config names the model store
 

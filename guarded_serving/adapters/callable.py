@@ -31,7 +31,7 @@ class CallableModel:
             raise ModelLoadError(f"task must be one of {TASKS}, got {task!r}")
         self.fn = fn
         self.task = task
-        self.name = name or getattr(fn, "__name__", "callable")
+        self.name: str = name or str(getattr(fn, "__name__", "callable"))
         self.version = version
         self.classes = classes
 
