@@ -1,0 +1,384 @@
+"""The store on SQLite and PostgreSQL, and the background prediction-log writer."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from guarded_serving.errors import ConflictError, NotFoundError, StoreError
+from guarded_serving.store import LogWriter, Store
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@cache
+def _pg_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None when it can."""
+    try:
+        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        engine.dispose()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"PostgreSQL at 127.0.0.1:5432 (database test) cannot be reached: {e}"
+
+
+def _prefix() -> str:
+    return f"gs_test_{uuid.uuid4().hex[:10]}_"
+
+
+def _url(kind: str, tmp_path: Path) -> str:
+    if kind == "postgres":
+        reason = _pg_unreachable()
+        if reason:
+            pytest.skip(reason)
+        return PG_URL
+    return f"sqlite:///{tmp_path / 'db' / 'store.sqlite3'}"
+
+
+def _drop(store: Store) -> None:
+    store.metadata.drop_all(store.engine)
+    store.close()
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(url, table prefix) of a fresh store; its tables are dropped afterwards."""
+    url, prefix = _url(request.param, tmp_path), _prefix()
+    yield url, prefix
+    _drop(Store(url, prefix=prefix))
+
+
+@pytest.fixture
+def store(backend: tuple[str, str]) -> Iterator[Store]:
+    s = Store(*backend)
+    yield s
+    s.close()
+
+
+def _rows(request_id: str, n: int, ts: float = 100.0, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"request_id": request_id, "row": i, "ts": ts + i, "model": "diamonds-price",
+         "primary_model": "primary", "primary_version": "1", "fallback_model": "fallback",
+         "fallback_version": "1", "route": "fallback" if i % 2 else "primary",
+         "reasons": ["out_of_range:carat"] if i % 2 else [], "prediction": 100.0 + i,
+         "primary_prediction": 90.0 + i, "fallback_prediction": 100.0 + i,
+         "probabilities": None, "latency_ms": 1.5, "features": {"carat": 0.5 + i, "cut": "Ideal"},
+         **extra}
+        for i in range(n)
+    ]
+
+
+# -- drift segments ------------------------------------------------------------------------------
+
+
+def test_segments_add_list_and_replace(store: Store) -> None:
+    a = store.add_segment("w1", 0.0, 10.0, 100, {"counts": [1, 2, 3]})
+    b = store.add_segment("w2", 5.0, 20.0, 50, {"counts": [4, 5, 6]})
+    c = store.add_segment("w1", 10.0, 30.0, 10, {"counts": [0, 0, 1]})
+    segs = store.segments()
+    assert [s["id"] for s in segs] == [a, b, c]
+    assert segs[0] == {"id": a, "worker": "w1", "first_ts": 0.0, "last_ts": 10.0, "rows": 100,
+                       "state": {"counts": [1, 2, 3]}}
+    assert [s["id"] for s in store.segments(since=15.0)] == [b, c]
+
+    merged = {"worker": "merged", "first_ts": 0.0, "last_ts": 20.0, "rows": 150, "state": {"counts": [5, 7, 9]}}
+    new_id = store.replace_segments([a, b], merged)
+    assert new_id > c, "ids are never reused"
+    assert [(s["id"], s["rows"]) for s in store.segments()] == [(new_id, 150), (c, 10)]
+    # Another process compacted a and b already: nothing changes.
+    assert store.replace_segments([a, c], merged) == -1
+    assert [s["id"] for s in store.segments()] == [new_id, c]
+
+
+# -- prediction log ------------------------------------------------------------------------------
+
+
+def test_log_predictions_ignores_duplicates(store: Store) -> None:
+    store.log_predictions(_rows("r1", 3))
+    store.log_predictions(_rows("r1", 3, ts=999.0) + _rows("r2", 2))  # r1 again: ignored
+    assert store.request_row_count("r1") == 3
+    assert store.request_row_count("r2") == 2
+    assert store.request_row_count("nope") == 0
+    df = store.joined()
+    assert len(df) == 5
+    assert df.loc[df.request_id == "r1", "ts"].tolist() == [100.0, 101.0, 102.0]
+    store.log_predictions([])
+
+
+def test_joined_decodes_json_and_joins_outcomes(store: Store) -> None:
+    probs = {"classes": ["a", "b"], "primary": [0.2, 0.8], "fallback": [0.6, 0.4], "served": [0.2, 0.8]}
+    store.log_predictions(_rows("r1", 4) + _rows("r2", 2, ts=50.0, probabilities=probs))
+    store.add_outcomes([("r1", 1, 123.5), ("r2", 0, "b")])
+
+    df = store.joined()
+    assert list(df.columns) == [
+        "request_id", "row", "ts", "model", "primary_model", "primary_version", "fallback_model",
+        "fallback_version", "route", "reasons", "prediction", "primary_prediction",
+        "fallback_prediction", "probabilities", "latency_ms", "features", "outcome", "outcome_ts"]
+    assert df[["request_id", "row"]].values.tolist() == [["r2", 0], ["r2", 1]] + [["r1", i] for i in range(4)]
+    r1 = df[df.request_id == "r1"].set_index("row")
+    assert r1.loc[1, "reasons"] == "out_of_range:carat"
+    assert r1.loc[0, "reasons"] == ""
+    assert r1.loc[1, "features"] == {"carat": 1.5, "cut": "Ideal"}
+    assert r1.loc[1, "outcome"] == 123.5 and r1.loc[1, "outcome_ts"] > 0
+    assert r1.loc[0, "outcome"] is None and r1.loc[0, "probabilities"] is None
+    assert df.iloc[0]["probabilities"] == probs and df.iloc[0]["outcome"] == "b"
+
+    only = store.joined(with_outcomes_only=True)
+    assert only[["request_id", "row"]].values.tolist() == [["r2", 0], ["r1", 1]]
+    assert store.joined(since=101.0)["ts"].tolist() == [101.0, 102.0, 103.0]
+    assert store.joined(limit=2)["ts"].tolist() == [102.0, 103.0], "limit keeps the most recent"
+    cheap = store.outcome_rows()
+    assert "features" not in cheap.columns and len(cheap) == 2
+    empty = store.joined(since=1e9)
+    assert len(empty) == 0 and "outcome" in empty.columns
+
+
+def test_purge_removes_old_predictions_and_their_outcomes(store: Store) -> None:
+    store.log_predictions(_rows("old", 2, ts=10.0) + _rows("new", 2, ts=1000.0))
+    store.add_outcomes([("old", 0, 1.0), ("new", 0, 2.0)])
+    assert store.purge_predictions(500.0) == 2
+    assert store.joined()["request_id"].tolist() == ["new", "new"]
+    assert store.outcome_rows()["request_id"].tolist() == ["new"]
+    with pytest.raises(NotFoundError):
+        store.add_outcomes([("old", 0, 1.0)])
+
+
+# -- outcomes ------------------------------------------------------------------------------------
+
+
+def test_add_outcomes_stored_unchanged_overwritten(store: Store) -> None:
+    store.log_predictions(_rows("r1", 3))
+    assert store.add_outcomes([("r1", 0, 10.0), ("r1", 1, 11.0)]) == {"stored": 2, "unchanged": 0, "overwritten": 0}
+    # Same value again (1 == 1.0 as JSON): unchanged; a new row: stored.
+    assert store.add_outcomes([("r1", 0, 10), ("r1", 2, 12.0)]) == {"stored": 1, "unchanged": 1, "overwritten": 0}
+    assert store.add_outcomes([("r1", 0, 99.0), ("r1", 1, 11.0)], overwrite=True) == {
+        "stored": 0, "unchanged": 1, "overwritten": 1}
+    assert store.outcome_rows()["outcome"].tolist() == [99.0, 11.0, 12.0]
+
+
+def test_conflicting_outcome_is_409_and_writes_nothing(store: Store) -> None:
+    store.log_predictions(_rows("r1", 3))
+    store.add_outcomes([("r1", 0, 10.0)])
+    with pytest.raises(ConflictError) as info:
+        store.add_outcomes([("r1", 1, 11.0), ("r1", 0, 20.0)])
+    err = info.value
+    assert err.code == "conflict"
+    [p] = err.problems
+    assert p.row == 0 and p.expected == "10.0" and p.got == 20.0 and "r1" in p.problem
+    # The new row of the failed call was rolled back with it.
+    assert store.outcome_rows()[["row", "outcome"]].values.tolist() == [[0, 10.0]]
+    with pytest.raises(ConflictError):  # one call giving two values for one row
+        store.add_outcomes([("r1", 2, 1.0), ("r1", 2, 2.0)])
+
+
+def test_unknown_request_or_row_is_404_and_writes_nothing(store: Store) -> None:
+    store.log_predictions(_rows("r1", 3))
+    with pytest.raises(NotFoundError) as info:
+        store.add_outcomes([("r1", 0, 1.0), ("ghost", 0, 1.0), ("r1", 7, 1.0)])
+    err = info.value
+    assert err.code == "not_found"
+    by_row = {p.row: p for p in err.problems}
+    assert by_row[0].problem.startswith("unknown_request") and "ghost" in by_row[0].problem
+    assert by_row[7].problem.startswith("unknown_row") and "r1" in by_row[7].problem
+    assert len(store.outcome_rows()) == 0
+
+
+# -- events, health, errors ------------------------------------------------------------------------
+
+
+def test_events_newest_first(store: Store) -> None:
+    store.add_event("drift_status", {"status": "ok"}, ts=1.0)
+    store.add_event("alert", {"feature": "carat"}, ts=2.0)
+    store.add_event("drift_status", {"status": "drifting"}, ts=3.0)
+    assert [e["body"] for e in store.events(kind="drift_status")] == [{"status": "drifting"}, {"status": "ok"}]
+    assert [e["kind"] for e in store.events(since=2.0)] == ["drift_status", "alert"]
+    assert len(store.events(limit=1)) == 1
+    assert store.ping()
+
+
+def test_sqlite_is_wal_with_normal_sync_and_creates_its_directory(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "s.sqlite3"
+    s = Store(f"sqlite:///{path}")
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
+    s.close()
+    assert path.exists()
+    full = Store(f"sqlite:///{path}?synchronous=full")
+    with full.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    full.close()
+
+
+def test_unreachable_store_raises_store_error_without_password() -> None:
+    with pytest.raises(StoreError) as info:
+        Store("postgresql+psycopg://gs:s3cret-pw@127.0.0.1:1/test")
+    assert "s3cret-pw" not in str(info.value) and "***" in str(info.value)
+    assert info.value.code == "store_unavailable"
+
+
+def test_store_errors_are_wrapped(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    s.metadata.drop_all(s.engine)  # the tables vanish under a running store
+    with pytest.raises(StoreError, match="logging 1 prediction row"):
+        s.log_predictions(_rows("r1", 1))
+    assert s.url_display.endswith("s.sqlite3")
+    s.close()
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+def _process_worker(url: str, prefix: str, fresh_prefix: str, worker: int, n: int,
+                    start: Any, results: Any) -> None:
+    start.wait()
+    out: dict[str, Any] = {"worker": worker, "errors": []}
+    try:
+        # Both processes create the same new tables at once.
+        Store(url, prefix=fresh_prefix).add_segment(f"w{worker}", 0.0, 1.0, 1, {"w": worker})
+        s = Store(url, prefix=prefix)
+        for i in range(0, n, 5):
+            s.add_outcomes([(f"own{worker}", j, float(j)) for j in range(i, i + 5)])
+            s.add_outcomes([("same", j, float(j)) for j in range(i, i + 5)])  # equal values: no conflict
+            s.add_segment(f"w{worker}", float(i), float(i + 1), 5, {"i": i})
+        try:
+            s.add_outcomes([("contested", j, worker) for j in range(n)])
+            out["contested"] = "won"
+        except ConflictError:
+            out["contested"] = "conflict"
+        s.close()
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        out["errors"].append(repr(e))
+    results.put(out)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_two_processes_write_concurrently(kind: str, tmp_path: Path) -> None:
+    url, prefix, fresh = _url(kind, tmp_path), _prefix(), _prefix()
+    n = 40
+    s = Store(url, prefix=prefix)
+    s.log_predictions(_rows("own0", n) + _rows("own1", n) + _rows("same", n) + _rows("contested", n))
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(url, prefix, fresh, w, n, start, results))
+             for w in (0, 1)]
+    try:
+        for p in procs:
+            p.start()
+        start.set()
+        outs = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert [o["errors"] for o in outs] == [[], []]
+        assert sorted(o["contested"] for o in outs) == ["conflict", "won"]
+        winner = next(o["worker"] for o in outs if o["contested"] == "won")
+        df = s.outcome_rows()
+        counts = df.groupby("request_id").size().to_dict()
+        assert counts == {"own0": n, "own1": n, "same": n, "contested": n}
+        assert set(df.loc[df.request_id == "contested", "outcome"]) == {winner}
+        assert len(s.segments()) == 2 * (n // 5)
+        assert sorted(seg["worker"] for seg in Store(url, prefix=fresh).segments()) == ["w0", "w1"]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        _drop(s)
+        _drop(Store(url, prefix=fresh))
+
+
+# -- LogWriter -----------------------------------------------------------------------------------
+
+
+def test_logwriter_writes_and_flushes(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 'log.sqlite3'}")
+    made: list[str] = []
+
+    def factory() -> Store:
+        made.append(threading.current_thread().name)
+        return s
+
+    w = LogWriter(factory, batch_size=50, flush_interval=0.05)
+    assert made == [], "the store is opened lazily"
+    for i in range(20):
+        assert w.submit(_rows(f"r{i}", 10))
+    assert w.flush(timeout=10)
+    assert w.written == 200 and w.dropped == 0 and w.pending == 0
+    assert len(s.joined()) == 200
+    assert made == ["guarded-serving-log"], "opened in the writer thread"
+    # Rows left in the buffer are written within flush_interval even without a flush.
+    w.submit(_rows("late", 1))
+    deadline = time.monotonic() + 5
+    while s.request_row_count("late") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.request_row_count("late") == 1
+    assert w.close()
+    assert not w.submit(_rows("after-close", 1)) and w.dropped == 1
+    s.close()
+
+
+class _SlowStore:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def log_predictions(self, rows: list[dict[str, Any]]) -> None:
+        self.calls += 1
+        time.sleep(1.0)
+
+
+def test_logwriter_never_blocks_on_a_slow_store_and_counts_overflow() -> None:
+    slow, dropped = _SlowStore(), []
+    w = LogWriter(slow, queue_size=100, batch_size=500, on_drop=dropped.append)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    accepted = sum(w.submit([{"request_id": f"r{i}", "row": 0, "ts": 1.0}]) for i in range(1000))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5, f"1000 submits took {elapsed:.3f} s"
+    assert accepted == 100
+    assert w.dropped == 900 and sum(dropped) == 900
+    assert w.pending == 100
+    assert not w.flush(timeout=0.05), "a flush times out rather than waiting for the slow store"
+    w.close(timeout=0.05)
+
+
+class _DeadStore:
+    def log_predictions(self, rows: list[dict[str, Any]]) -> None:
+        raise StoreError("store down")
+
+
+def test_logwriter_drops_rows_a_dead_store_cannot_take() -> None:
+    errors: list[Exception] = []
+    w = LogWriter(_DeadStore(), retries=2, backoff=0.01, on_error=errors.append)  # type: ignore[arg-type]
+    assert w.submit(_rows("r1", 5))
+    assert w.flush(timeout=5)
+    assert w.dropped == 5 and w.written == 0 and w.pending == 0
+    assert len(errors) == 3 and all(isinstance(e, StoreError) for e in errors)
+    assert w.submit(None) is False  # type: ignore[arg-type]  # garbage in: still no exception
+    w.close()
+
+
+def test_logwriter_survives_a_factory_that_raises() -> None:
+    def factory() -> Store:
+        raise StoreError("cannot connect")
+
+    errors: list[Exception] = []
+    w = LogWriter(factory, retries=1, backoff=0.01, on_error=errors.append,
+                  on_drop=lambda n: 1 / 0)  # a broken callback must not break the writer
+    assert w.submit(_rows("r1", 2))
+    assert w.flush(timeout=5)
+    assert w.dropped == 2 and len(errors) == 2
+    w.close()
