@@ -256,7 +256,7 @@ def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np
         null = np.isnan(values)
         bad = None
     else:
-        obj = np.asarray(arr, dtype=object) if not isinstance(arr, np.ndarray) else arr.astype(object)
+        obj = _object_1d(arr) if not isinstance(arr, np.ndarray) else arr.astype(object)
         missing = np.fromiter((v is _MISSING for v in obj), bool, len(obj)) if isinstance(raw, list) else None
         if missing is not None and missing.any():
             obj = obj.copy()
@@ -266,6 +266,10 @@ def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np
         if isbool.any():
             obj = obj.copy()
             obj[isbool] = "<bool>"
+        nested = np.fromiter((isinstance(v, _NESTED) for v in obj), bool, len(obj))
+        if nested.any():
+            obj = obj.copy()
+            obj[nested] = "<nested>"
         null = pd.isna(obj) if obj.size else np.zeros(0, dtype=bool)
         values = pd.to_numeric(pd.Series(obj, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
         bad = np.isnan(values) & ~null
@@ -281,6 +285,16 @@ def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np
     return values, null, bad
 
 
+_NESTED = (list, dict, tuple, set)
+
+
+def _object_1d(values: Any) -> np.ndarray:
+    """A 1-D object array even when the values are lists (np.asarray would add dimensions)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values) if not isinstance(values, list) else values
+    return out
+
+
 def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
     """Values come back as the column's own pandas array for typed string columns, else as an
     object array of str (None for null)."""
@@ -292,9 +306,7 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
         return raw.array, raw.isna().to_numpy(), None
     if isinstance(raw, list) and all(type(v) is str for v in raw):
         return np.array(raw, dtype=object), np.zeros(len(raw), dtype=bool), None
-    obj = raw.to_numpy(dtype=object) if isinstance(raw, pd.Series) else np.asarray(raw, dtype=object)
-    if obj.ndim != 1:  # a list of lists became 2-D
-        obj = np.fromiter(iter(raw), object, len(raw))
+    obj = raw.to_numpy(dtype=object) if isinstance(raw, pd.Series) else _object_1d(raw)
     missing = None
     if isinstance(raw, list):
         missing = np.fromiter((v is _MISSING for v in raw), bool, len(raw))
@@ -305,8 +317,12 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
             missing = None
     null = pd.isna(obj)
     # Nested objects (lists, dicts) are not categories.
-    nested = np.fromiter((isinstance(v, (list, dict, tuple, set)) for v in obj), bool, len(obj))
-    bad = nested if nested.any() else None
+    nested = np.fromiter((isinstance(v, _NESTED) for v in obj), bool, len(obj))
+    bad = None
+    if nested.any():
+        bad = nested
+        obj = obj.copy()
+        obj[nested] = "<nested>"
     if missing is not None:
         bad = missing if bad is None else (bad | missing)
     text = obj.astype(str).astype(object) if obj.size else obj
@@ -317,7 +333,7 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
 
 
 def _coerce_boolean(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    s = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw, dtype=object), dtype=object)
+    s = raw if isinstance(raw, pd.Series) else pd.Series(_object_1d(raw), dtype=object)
     if pd.api.types.is_bool_dtype(s.dtype):
         return np.where(s.to_numpy(), "True", "False").astype(object), np.zeros(len(s), bool), None
     null = s.isna().to_numpy()
