@@ -19,6 +19,7 @@ store: {url: "sqlite:///guarded-serving.sqlite3"}
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ class StoreConfig:
     #: SQLAlchemy URL; default: SQLite file beside the config (or GUARDED_SERVING_STORE_URL).
     url: str = ""
     flush_seconds: float = 5.0
+    #: Put before every table name, so several models (or environments) can share one database.
+    table_prefix: str = "gs_"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class DriftConfig:
 class PredictionLogConfig:
     enabled: bool = True
     shadow_fallback: bool = True
+    #: Also run the primary on rows sent to the fallback, so outcomes show whether routing helped.
+    shadow_primary: bool = True
     log_features: bool = True
     retention_days: float = 30.0
     queue_size: int = 10000
@@ -155,7 +160,11 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
     store = _section(raw, "store", StoreConfig)
     if not store.url:
         url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{base / 'guarded-serving.sqlite3'}"
-        store = StoreConfig(url=url, flush_seconds=store.flush_seconds)
+        store = StoreConfig(url=url, flush_seconds=store.flush_seconds, table_prefix=store.table_prefix)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", store.table_prefix):
+        raise ConfigError(f"store.table_prefix: must be letters, digits and _, got {store.table_prefix!r}")
+    if store.flush_seconds <= 0:
+        raise ConfigError(f"store.flush_seconds: must be positive, got {store.flush_seconds!r}")
     tracing = _section(raw, "tracing", TracingConfig)
     if tracing.protocol not in ("http/protobuf", "grpc"):
         raise ConfigError(f"tracing.protocol: must be 'http/protobuf' or 'grpc', got {tracing.protocol!r}")

@@ -95,13 +95,15 @@ class GuardedModel:
     long for it; rows of a late (or raising) primary call get the fallback's answer. A late call
     keeps running in the background, and at most ``max_primary_inflight`` may do so before the
     primary is skipped outright. ``shadow_fallback``: also run the fallback on rows the primary
-    answered, so the two can be compared on the same rows.
+    answered, so the two can be compared on the same rows. ``shadow_primary``: also run the
+    primary on rows the checks sent to the fallback (its answers are recorded, never served), so
+    live outcomes can show whether routing them away helped. Shadow calls never fail a request.
     """
 
     def __init__(self, primary: Model, fallback: Model, profile: Profile,
                  policy: Policy | None = None, latency_budget_ms: float | None = None,
                  name: str = "model", shadow_fallback: bool = False,
-                 max_primary_inflight: int = 4) -> None:
+                 max_primary_inflight: int = 4, shadow_primary: bool = False) -> None:
         for role, m in (("primary", primary), ("fallback", fallback)):
             if m.task != profile.task:
                 raise ConfigError(f"the {role} model's task is {m.task!r} but the profile's is {profile.task!r}")
@@ -112,6 +114,7 @@ class GuardedModel:
         self.latency_budget_ms = latency_budget_ms
         self.name = name
         self.shadow_fallback = shadow_fallback
+        self.shadow_primary = shadow_primary
         self.max_primary_inflight = max_primary_inflight
         self._inflight = 0
         self._lock = threading.Lock()
@@ -122,7 +125,8 @@ class GuardedModel:
         )
 
     @classmethod
-    def from_config(cls, config: ServingConfig, *, shadow_fallback: bool | None = None) -> GuardedModel:
+    def from_config(cls, config: ServingConfig, *, shadow_fallback: bool | None = None,
+                    shadow_primary: bool | None = None) -> GuardedModel:
         """Load models and profile named by a serving config."""
         profile = Profile.load(config.profile)
         if profile.task != config.task:
@@ -131,12 +135,14 @@ class GuardedModel:
         fallback = _load(config.fallback, config.task, "fallback")
         if shadow_fallback is None:
             shadow_fallback = config.prediction_log.enabled and config.prediction_log.shadow_fallback
+        if shadow_primary is None:
+            shadow_primary = config.prediction_log.enabled and config.prediction_log.shadow_primary
         return cls(primary, fallback, profile, config.policy, config.latency_budget_ms,
-                   config.name, shadow_fallback)
+                   config.name, shadow_fallback, shadow_primary=shadow_primary)
 
     # -- prediction --------------------------------------------------------------------------
 
-    def predict(self, data: Any, *, on_reject: str = "raise") -> GuardedResult:
+    def predict(self, data: Any, *, on_reject: str = "raise", request_id: str | None = None) -> GuardedResult:
         """Check, route and predict a batch: a DataFrame, a list of row mappings or columns.
 
         Raises SchemaError when a row violates the schema (``on_reject="mark"`` instead routes
@@ -146,6 +152,8 @@ class GuardedModel:
         t0 = time.perf_counter()
         with _tracer.start_as_current_span("guarded_serving.predict") as span:
             span.set_attribute("guarded_serving.model.name", self.name)
+            if request_id:
+                span.set_attribute("guarded_serving.request.id", request_id)
             with _tracer.start_as_current_span("guarded_serving.validate") as vspan:
                 verdicts = check_batch(data, self.profile, self.policy)
                 n = verdicts.n_rows
@@ -213,7 +221,12 @@ class GuardedModel:
                         fallback_pred = None
             t_fallback = time.perf_counter()
 
+            shadow_idx = np.flatnonzero((routes == FALLBACK_ROUTE) & (status != OK))
+            shadow_pred = self._shadow_primary(verdicts, shadow_idx) if self.shadow_primary and shadow_idx.size else None
+
             result = self._assemble(n, routes, reasons, primary_idx, primary_pred, fb_idx, fallback_pred)
+            if shadow_pred is not None and result.primary_predictions is not None:
+                result.primary_predictions[shadow_idx] = shadow_pred.labels
             result.timing_ms = {
                 "validate": (t_validate - t0) * 1e3,
                 "primary": (t_primary - t_primary_start) * 1e3,
@@ -262,6 +275,21 @@ class GuardedModel:
                 pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
                 pspan.set_attribute("error.type", type(e).__name__)
                 return None, f"{type(e).__name__}: {e}", False
+
+    def _shadow_primary(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
+        """The primary's answers for flagged rows, for the record only; failures are expected
+        (the rows are out of range) and swallowed."""
+        with _tracer.start_as_current_span("guarded_serving.primary.shadow") as span:
+            span.set_attribute("guarded_serving.model.name", self.primary.name)
+            span.set_attribute("guarded_serving.rows", int(idx.size))
+            try:
+                pred = _predict(self.primary, verdicts, idx)
+                _check_length(pred, idx.size, "primary")
+                return pred
+            except Exception as e:
+                span.set_attribute("error.type", type(e).__name__)
+                log.debug("shadow primary call failed: %s", e)
+                return None
 
     def _predict_within_budget(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
         assert self._executor is not None and self.latency_budget_ms is not None

@@ -118,9 +118,11 @@ def test_spans_for_batch_and_stages(monkeypatch) -> None:
     gm.predict(X)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == {"guarded_serving.predict", "guarded_serving.validate",
-                          "guarded_serving.primary", "guarded_serving.fallback"}
+                          "guarded_serving.primary", "guarded_serving.fallback",
+                          "guarded_serving.primary.shadow"}
     root = spans["guarded_serving.predict"]
-    for name in ("guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback"):
+    for name in ("guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback",
+                 "guarded_serving.primary.shadow"):
         assert spans[name].parent.span_id == root.context.span_id
     assert root.attributes["guarded_serving.rows"] == 4
     assert root.attributes["guarded_serving.rows.fallback"] == 1
@@ -172,3 +174,17 @@ def test_task_mismatch_is_refused() -> None:
 
 def test_profile_on_disk_matches_example() -> None:
     assert Profile.load(EXAMPLE / "profile.json").task == "regression"
+
+
+def test_shadow_primary_records_but_never_serves_its_answers_on_flagged_rows() -> None:
+    gm = GuardedModel.from_config(load_config(CONFIG))
+    assert gm.shadow_primary and gm.shadow_fallback
+    X = features(serve())
+    X = X[X["carat"] > 2.0].head(5)
+    r = gm.predict(X)
+    assert r.routes.tolist() == ["fallback"] * 5
+    assert not np.isnan(r.primary_predictions).any()
+    np.testing.assert_array_equal(r.predictions, r.fallback_predictions)
+    assert not np.allclose(r.primary_predictions, r.fallback_predictions)
+    quiet = GuardedModel.from_config(load_config(CONFIG), shadow_primary=False).predict(X)
+    assert np.isnan(quiet.primary_predictions).all()
