@@ -1,0 +1,412 @@
+"""What one serving process keeps around a GuardedModel: metrics, the prediction log, the drift
+window and the store, with no HTTP in it (the service module maps this to routes and statuses).
+
+Everything that talks to the store runs off the request path: predictions are logged by a
+background writer, drift counts are flushed by a background thread every
+``store.flush_seconds``. A store that is slow or down degrades monitoring, never predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from .config import ServingConfig
+from .drift.state import DriftState
+from .drift.stats import DriftThresholds
+from .drift.windows import Segment, assemble_windows, compact, drift_view
+from .errors import (
+    GuardedServingError,
+    NotFoundError,
+    PayloadError,
+    Problem,
+    SchemaError,
+    StoreError,
+)
+from .guard import GuardedModel, GuardedResult
+from .performance import live_performance, metric_gauges
+from .store.logwriter import LogWriter
+from .store.sql import Store
+from .telemetry import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+#: How long /feedback waits for other workers' log writers before calling a request id unknown.
+FEEDBACK_WAIT_S = 2.0
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ServingRuntime:
+    """A guarded model plus its monitoring, for one process.
+
+    >>> rt = ServingRuntime(load_config("models/diamonds/serving.yaml"))  # doctest: +SKIP
+    >>> result = rt.predict([{"carat": 0.5, ...}], request_id="abc")  # doctest: +SKIP
+    """
+
+    def __init__(self, config: ServingConfig, *, metrics: ServiceMetrics | None = None,
+                 worker_id: str | None = None) -> None:
+        self.config = config
+        self.guard = GuardedModel.from_config(config)
+        self.profile = self.guard.profile
+        self.metrics = metrics
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.thresholds = DriftThresholds(min_rows=config.drift.min_rows)
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()
+        self._drift_lock = threading.Lock()
+        self._drift: DriftState | None = DriftState.empty(self.profile) if config.drift.enabled else None
+        self._last_view: dict[str, Any] | None = None
+        self._last_statuses: dict[str, str] | None = None
+        self._last_retrain = False
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._flusher_pid: int | None = None
+        self.writer: LogWriter | None = None
+        if config.prediction_log.enabled:
+            pl = config.prediction_log
+            self.writer = LogWriter(self.store, queue_size=pl.queue_size, batch_size=pl.batch_size,
+                                    on_drop=self._on_drop)
+        self._last_purge = 0.0
+
+    # -- store -------------------------------------------------------------------------------
+
+    def store(self) -> Store:
+        """The shared store, opened on first use (so a store that is down at startup only
+        degrades monitoring); raises StoreError while it cannot be reached."""
+        with self._store_lock:
+            if self._store is None:
+                self._store = Store(self.config.store.url, prefix=self.config.store.table_prefix)
+            return self._store
+
+    def _on_drop(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped(n)
+
+    # -- prediction --------------------------------------------------------------------------
+
+    def predict(self, rows: Any, request_id: str, on_reject: str = "raise") -> GuardedResult:
+        """Guarded prediction of a batch, counted into the drift window and the prediction log."""
+        try:
+            result = self.guard.predict(rows, on_reject=on_reject, request_id=request_id)
+        except SchemaError:
+            if self.metrics is not None:
+                self.metrics.rows.labels(self.config.name, "rejected").inc(_n_rows(rows))
+            raise
+        if self.metrics is not None:
+            self.metrics.observe(result)
+        if self._drift is not None and result.verdicts is not None:
+            keep = result.routes != "rejected"
+            cols = result.verdicts.columns
+            preds = result.primary_predictions
+            if not keep.all():
+                cols = {k: v[keep] for k, v in cols.items()}
+                preds = None if preds is None else preds[keep]
+            with self._drift_lock:
+                self._drift.update(cols, preds)
+        if self.writer is not None:
+            self.writer.submit(self._log_rows(request_id, result))
+        self._ensure_flusher()
+        return result
+
+    def _log_rows(self, request_id: str, result: GuardedResult) -> list[dict[str, Any]]:
+        n = result.n_rows
+        now = time.time()
+        g = self.guard
+        served = _plain(result.predictions)
+        prim = _plain(result.primary_predictions)
+        fb = _plain(result.fallback_predictions)
+        probs = None if result.probabilities is None else np.round(result.probabilities, 6).tolist()
+        features: list[dict[str, Any]] | None = None
+        if self.config.prediction_log.log_features and result.verdicts is not None:
+            names = list(result.verdicts.columns)
+            values = [_plain(np.asarray(v, dtype=object)) for v in result.verdicts.columns.values()]
+            features = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+        common = {
+            "request_id": request_id, "ts": now, "model": self.config.name,
+            "primary_model": g.primary.name, "primary_version": str(g.primary.version or ""),
+            "fallback_model": g.fallback.name, "fallback_version": str(g.fallback.version or ""),
+            "latency_ms": result.timing_ms.get("total"),
+        }
+        out = []
+        for i in range(n):
+            row = dict(common)
+            row.update(
+                row=i,
+                route=str(result.routes[i]),
+                reasons=";".join(result.reasons[i]),
+                prediction=served[i],
+                primary_prediction=prim[i],
+                fallback_prediction=fb[i],
+                probabilities=None if probs is None else {"classes": [_py(c) for c in result.classes or []],
+                                                          "served": probs[i]},
+                features=None if features is None else features[i],
+            )
+            out.append(row)
+        return out
+
+    # -- drift ---------------------------------------------------------------------------------
+
+    def flush_drift(self) -> bool:
+        """Write this worker's drift counts as one segment; on failure keep them for next time."""
+        if self._drift is None:
+            return True
+        with self._drift_lock:
+            pending, self._drift = self._drift, DriftState.empty(self.profile)
+        if pending.is_empty:
+            return True
+        try:
+            now = time.time()
+            self.store().add_segment(self.worker_id, pending.first_ts or now, pending.last_ts or now,
+                                     pending.rows, pending.to_dict())
+            return True
+        except Exception as e:
+            log.warning("could not flush drift counts to the store (kept for the next try): %s", e)
+            with self._drift_lock:
+                self._drift = pending.merge(self._drift)
+            return False
+
+    def drift(self) -> dict[str, Any]:
+        """The merged drift view of every worker and replica writing to the store."""
+        if self._drift is None:
+            raise NotFoundError("drift monitoring is disabled in this serving config (drift.enabled)")
+        self.flush_drift()
+        store = self.store()
+        segments = [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
+                    for s in store.segments()]
+        d = self.config.drift
+        view = drift_view(segments, self.profile, d.window_rows, d.window_seconds,
+                          d.consecutive_windows_for_retrain, self.thresholds)
+        self._after_view(view, segments)
+        view["model"] = self.config.name
+        view["profile_hash"] = self.profile.content_hash
+        return view
+
+    def _after_view(self, view: dict[str, Any], segments: list[Segment]) -> None:
+        """Gauges, change events, alerts and compaction after each evaluation."""
+        if self.metrics is not None:
+            self.metrics.set_drift(view)
+        current = view["current"]
+        statuses = {f["name"]: f["status"] for f in current.get("features") or []}
+        statuses["__overall__"] = current["status"]
+        if current.get("prediction"):
+            statuses["prediction"] = current["prediction"]["status"]
+        store = self.store()
+        if self._last_statuses is None:
+            last = store.events(kind="drift_status", limit=1)
+            self._last_statuses = last[0]["body"].get("statuses") if last else {}
+            self._last_retrain = bool(last[0]["body"].get("retrain_recommended")) if last else False
+        changes = [{"feature": k, "from": self._last_statuses[k], "to": v} for k, v in statuses.items()
+                   if k in self._last_statuses and self._last_statuses[k] != v]
+        retrain = bool(view.get("retrain_recommended"))
+        if changes or retrain != self._last_retrain or not self._last_statuses:
+            body = {"statuses": statuses, "changes": changes, "retrain_recommended": retrain,
+                    "window": current.get("window"), "model": self.config.name}
+            store.add_event("drift_status", body)
+            for c in changes:
+                log.warning("drift: feature %s changed from %s to %s (model %s)",
+                            c["feature"], c["from"], c["to"], self.config.name)
+            if changes or retrain != self._last_retrain:
+                _span_event(changes, retrain, self.config.name)
+                alert = [c for c in changes if c["to"] == "drift"] or (retrain and not self._last_retrain)
+                if alert and self.config.drift.webhook_url:
+                    self._send_webhook(body)
+        self._last_statuses = statuses
+        self._last_retrain = retrain
+        # Closed windows need one segment each, not one per flush.
+        d = self.config.drift
+        windows = [w for w in assemble_windows(segments, self.profile, d.window_rows, d.window_seconds)
+                   if w.closed and len(w.segment_ids) > 1]
+        for w in windows:
+            seg = compact([w])[0]
+            try:
+                store.replace_segments([i for i in w.segment_ids if i is not None],
+                                       {"worker": seg.worker, "first_ts": seg.first_ts, "last_ts": seg.last_ts,
+                                        "rows": seg.rows, "state": seg.state})
+            except StoreError as e:  # another process may be compacting too
+                log.debug("compaction skipped: %s", e)
+
+    def _send_webhook(self, body: dict[str, Any]) -> None:
+        import httpx  # adapter-only dependency
+
+        payload = {"kind": "drift_alert", "ts": time.time(), **body}
+        url = self.config.drift.webhook_url
+        assert url
+        try:
+            httpx.post(url, json=payload, timeout=5.0).raise_for_status()
+        except Exception as e:
+            log.warning("drift webhook %s failed: %s", url, e)
+
+    # -- feedback and performance --------------------------------------------------------------
+
+    def feedback(self, items: list[tuple[str, int, Any]], overwrite: bool = False) -> dict[str, Any]:
+        """Store true outcomes durably; see ``Store.add_outcomes`` for the rules."""
+        problems = []
+        for _rid, row, outcome in items:
+            why = self._outcome_problem(outcome)
+            if why:
+                problems.append(Problem(problem=why, row=row, column="outcome",
+                                        expected=self._outcome_type(), got=repr(outcome)[:80]))
+        if problems:
+            raise SchemaError(f"{len(problems)} outcome(s) of the wrong type", problems)
+        if self.writer is not None:
+            self.writer.flush(timeout=FEEDBACK_WAIT_S)
+        deadline = time.monotonic() + FEEDBACK_WAIT_S
+        while True:
+            try:
+                return self.store().add_outcomes(items, overwrite=overwrite)
+            except NotFoundError:
+                # Another worker may not have written that request's log yet.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _outcome_type(self) -> str:
+        return "a number" if self.profile.task == "regression" else "a class label (string, integer or boolean)"
+
+    def _outcome_problem(self, v: Any) -> str | None:
+        if self.profile.task == "regression":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return "outcome must be a finite number"
+            return None
+        if v is None or isinstance(v, (dict, list, float)):
+            return "outcome must be a class label"
+        return None
+
+    def performance(self, since: float | None = None, window_rows: int | None = None) -> dict[str, Any]:
+        df = self.store().outcome_rows(since=since)
+        perf = live_performance(df, self.profile.task, self.profile.baseline,
+                                window_rows=window_rows or self.config.drift.window_rows)
+        if self.metrics is not None:
+            self.metrics.set_performance(metric_gauges(perf))
+        perf["model"] = self.config.name
+        return perf
+
+    # -- background work ---------------------------------------------------------------------
+
+    def _ensure_flusher(self) -> None:
+        # Started on first use in each worker: a thread started before BentoML forks would not survive.
+        if self._flusher_pid == os.getpid():
+            return
+        with self._store_lock:
+            if self._flusher_pid == os.getpid():
+                return
+            self._flusher_pid = os.getpid()
+            self._flusher = threading.Thread(target=self._flush_loop, name="guarded-flush", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        interval = self.config.store.flush_seconds
+        while not self._stop.wait(interval):
+            try:
+                if self._drift is not None and self.flush_drift():
+                    self.drift()
+                self._purge()
+            except Exception as e:  # the loop must outlive a store outage
+                log.warning("background drift evaluation failed: %s", e)
+
+    def _purge(self) -> None:
+        days = self.config.prediction_log.retention_days
+        now = time.time()
+        if not days or now - self._last_purge < 3600:
+            return
+        self._last_purge = now
+        n = self.store().purge_predictions(now - days * 86400)
+        if n:
+            log.info("purged %d prediction-log rows older than %s days", n, days)
+
+    def close(self) -> None:
+        """Flush what is pending (drift counts, prediction log) and stop background work."""
+        self._stop.set()
+        if self.writer is not None:
+            self.writer.close(timeout=5.0)
+        try:
+            self.flush_drift()
+        except Exception as e:  # pragma: no cover
+            log.warning("final drift flush failed: %s", e)
+        self.guard.close()
+        if self._store is not None:
+            self._store.close()
+
+
+def parse_feedback(body: Any) -> tuple[list[tuple[str, int, Any]], bool]:
+    """Items and the overwrite flag from a /feedback body (either shape); PayloadError if malformed."""
+    if not isinstance(body, dict):
+        raise PayloadError("the body must be a JSON object with request_id and outcomes, or items")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise PayloadError("overwrite must be true or false")
+    items: list[tuple[str, int, Any]] = []
+    if "items" in body:
+        raw = body["items"]
+        if not isinstance(raw, list) or not raw:
+            raise PayloadError("items must be a non-empty list of {request_id, row, outcome}")
+        for i, it in enumerate(raw):
+            if not isinstance(it, dict) or not {"request_id", "row", "outcome"} <= set(it):
+                raise PayloadError(f"items[{i}] must be an object with request_id, row and outcome",
+                                   [Problem(problem="malformed item", row=i)])
+            rid, row = it["request_id"], it["row"]
+            if not isinstance(rid, str) or not rid:
+                raise PayloadError(f"items[{i}].request_id must be a non-empty string")
+            if not isinstance(row, int) or isinstance(row, bool) or row < 0:
+                raise PayloadError(f"items[{i}].row must be a row index (integer >= 0)")
+            items.append((rid, row, it["outcome"]))
+    elif "request_id" in body and "outcomes" in body:
+        rid, outcomes = body["request_id"], body["outcomes"]
+        if not isinstance(rid, str) or not rid:
+            raise PayloadError("request_id must be a non-empty string")
+        if not isinstance(outcomes, list) or not outcomes:
+            raise PayloadError("outcomes must be a non-empty list, one per row of the request")
+        items = [(rid, i, o) for i, o in enumerate(outcomes)]
+    else:
+        raise PayloadError('the body must have "request_id" and "outcomes", or "items"')
+    return items, overwrite
+
+
+def _n_rows(rows: Any) -> int:
+    try:
+        return len(rows)
+    except TypeError:
+        return 0
+
+
+def _py(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _plain(a: np.ndarray | None) -> list[Any]:
+    if a is None:
+        return []
+    if hasattr(a, "dtype") and a.dtype.kind == "f":
+        return [None if math.isnan(x) else x for x in a.tolist()]
+    return [_py(x) for x in (a.tolist() if hasattr(a, "tolist") else list(a))]
+
+
+def _span_event(changes: list[dict[str, Any]], retrain: bool, model: str) -> None:
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("guarded_serving")
+    with tracer.start_as_current_span("guarded_serving.drift.evaluate") as span:
+        span.set_attribute("guarded_serving.model.name", model)
+        span.set_attribute("guarded_serving.drift.retrain_recommended", retrain)
+        for c in changes:
+            span.add_event("guarded_serving.drift.status_change",
+                           {"guarded_serving.feature": c["feature"], "guarded_serving.drift.from": str(c["from"]),
+                            "guarded_serving.drift.to": str(c["to"])})
+
+
+__all__ = ["ServingRuntime", "new_request_id", "parse_feedback", "GuardedServingError"]

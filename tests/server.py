@@ -1,0 +1,108 @@
+"""Start the real guarded service (``bentoml serve``) on a free loopback port for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from ._data import EXAMPLE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(directory: Path, **overrides: Any) -> Path:
+    """A copy of the example serving config in ``directory`` with absolute model paths."""
+    cfg = yaml.safe_load((EXAMPLE / "serving.yaml").read_text())
+    for role in ("primary", "fallback"):
+        cfg[role] = {"path": str(EXAMPLE / cfg[role]["path"])}
+    cfg["profile"] = str(EXAMPLE / cfg["profile"])
+    cfg.setdefault("store", {})["url"] = f"sqlite:///{directory / 'store.sqlite3'}"
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("primary", "fallback"):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path = directory / "serving.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Server:
+    """``with Server(config) as srv: httpx.post(srv.url + "/predict", ...)``"""
+
+    def __init__(self, config: Path, workers: int = 1, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.config = config
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = config.parent / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "GUARDED_SERVING_CONFIG": str(config),
+            "GUARDED_SERVING_WORKERS": str(workers),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> Server:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "guarded_serving.service:GuardedService",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+
+    def logs(self, tail: int | None = 5000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-tail:] if tail else text
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
