@@ -1,0 +1,91 @@
+"""The bento: bentofile.yaml matches the package, `bentoml build` works, and the built bento serves
+from another directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import yaml
+
+from . import _data
+from .server import ROOT, Server, free_port
+
+
+def test_bentofile_pins_match_pyproject() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    # bentoml itself comes with the bento's own runtime
+    assert sorted(bento["python"]["packages"]) == sorted(d for d in deps if not d.startswith("bentoml"))
+
+
+class BentoServer(Server):
+    """`bentoml serve <tag>` from a directory that is not the repository."""
+
+    def __init__(self, tag: str, cwd: Path, env: dict[str, str]) -> None:
+        self.tag, self.cwd = tag, cwd
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = cwd / "bento-serve.log"
+        self.env = env
+        self.proc = None
+
+    def start(self, timeout: float = 120.0) -> Server:
+        import time
+
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", self.tag, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bento exited:\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bento not ready:\n{self.logs()}")
+
+
+@pytest.mark.e2e
+def test_bentoml_build_then_serve_the_bento_elsewhere(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDED_SERVING_")}
+    env.update(BENTOML_HOME=str(tmp_path / "bentoml-home"), BENTOML_DO_NOT_TRACK="true")
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("diamonds-guarded:")
+    bento_dir = Path(tmp_path / "bentoml-home" / "bentos" / "diamonds-guarded" / tag.split(":")[1])
+    src = bento_dir / "src"
+    for needed in ("models/diamonds/primary.onnx", "models/diamonds/fallback.onnx",
+                   "models/diamonds/profile.json", "models/diamonds/serving.yaml", "guarded_serving/service.py"):
+        assert (src / needed).exists(), needed
+    assert not (src / "models/diamonds/data").exists(), "training data does not belong in the bento"
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "requirements.txt" in dockerfile or "pip install" in dockerfile or "uv pip" in dockerfile
+    reqs = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime" in reqs and "opentelemetry-sdk" in reqs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env["GUARDED_SERVING_STORE_URL"] = f"sqlite:///{tmp_path / 'bento-store.sqlite3'}"
+    # Importing from the bento, not from this checkout.
+    env["PYTHONPATH"] = ""
+    with BentoServer(tag, elsewhere, env) as srv:
+        big = _data.features(_data.serve()).query("carat > 2.0").head(1)
+        rows = json.loads(pd.concat([_data.features(_data.holdout()).head(1), big]).to_json(orient="records"))
+        r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)
+    assert r.status_code == 200, r.text
+    assert r.json()["routes"] == ["primary", "fallback"]
