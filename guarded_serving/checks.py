@@ -208,9 +208,12 @@ _NUMBER_TYPES = (int, float)
 
 
 def _isin(values: Any, fp: FeatureProfile) -> np.ndarray:
-    if len(values) <= SMALL and isinstance(values, np.ndarray):
-        known = fp.category_set
-        return np.fromiter((v in known for v in values), bool, len(values))
+    if isinstance(values, np.ndarray):
+        if len(values) <= 4096:  # a set lookup per value beats building a hash table
+            known = fp.category_set
+            return np.fromiter((v in known for v in values), bool, len(values))
+        # dtype=object: otherwise pandas 3 converts the strings to Arrow first, which costs more.
+        return pd.Series(values, dtype=object, copy=False).isin(list(fp.categories)).to_numpy()
     return pd.Series(values, copy=False).isin(list(fp.categories)).to_numpy()
 
 

@@ -129,8 +129,9 @@ class ServingRuntime:
         probs = None if result.probabilities is None else np.round(result.probabilities, 6).tolist()
         features: list[dict[str, Any]] | None = None
         if self.config.prediction_log.log_features and result.verdicts is not None:
+            # Plain tolist() here; the store turns NaN into null in the writer thread.
             names = list(result.verdicts.columns)
-            values = [_plain(np.asarray(v, dtype=object)) for v in result.verdicts.columns.values()]
+            values = [v.tolist() for v in result.verdicts.columns.values()]
             features = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
         common = {
             "request_id": request_id, "ts": now, "model": self.config.name,

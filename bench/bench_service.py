@@ -1,0 +1,161 @@
+"""Benchmark: the guarded service against a plain BentoML service serving the same ONNX model.
+
+    python bench/bench_service.py                 # 3 rounds x 10 s per case (about 3 minutes)
+    python bench/bench_service.py --seconds 3 --rounds 1
+
+Both run through ``bentoml serve`` with one worker on loopback; the load generator is ``wrk``
+(Debian package ``wrk``; installed with apt-get when missing), the same for both, with the same
+request bodies: ``{"rows": [...]}`` with 1 and with 100 rows of the example's holdout data. The
+guarded service runs with everything on: checks, shadow fallback, drift counting, the prediction
+log into SQLite and Prometheus metrics. Cases alternate (guarded, plain, guarded, ...) so machine
+noise hits both alike; the table reports medians over rounds and the ratios guarded / plain.
+Results go to stdout and bench/results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from tests.server import Server, write_config  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "service.json"
+
+
+class PlainServer(Server):
+    """The same harness, serving bench/plain_service.py."""
+
+    def start(self, timeout: float = 90.0) -> Server:
+        import time
+
+        import httpx
+
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "bench.plain_service:PlainService",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        raise RuntimeError(f"plain service not ready:\n{self.logs()}")
+
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
+    path = shutil.which("wrk")
+    if not path:
+        raise SystemExit("wrk is needed: apt-get install wrk")
+    return path
+
+
+def lua_for(body: str, path: Path) -> Path:
+    script = path.with_suffix(".lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+    )
+    return script
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url + "/predict"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    dist = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    if bad or errors:
+        raise RuntimeError(f"the load run had failures:\n{out}")
+    return {"rps": rps, "p50_ms": _ms(dist["50"]), "p99_ms": _ms(dist["99"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--overrides", default="{}",
+                    help='serving-config overrides as JSON, to measure what a feature costs, e.g. '
+                         '\'{"prediction_log": {"enabled": false}}\'')
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    wrk = ensure_wrk()
+    holdout = pd.read_parquet(ROOT / "models" / "diamonds" / "data" / "holdout.parquet").drop(columns=["price"])
+    tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    bodies = {n: json.dumps({"rows": json.loads(holdout.head(n).to_json(orient="records"))}) for n in (1, 100)}
+    scripts = {n: lua_for(b, tmp / f"rows{n}") for n, b in bodies.items()}
+    env = {"OMP_NUM_THREADS": "1"}
+    guarded = Server(write_config(tmp, **json.loads(args.overrides)), workers=1, env=env)
+    plain = PlainServer(tmp / "plain.yaml", workers=1, env=env)
+    (tmp / "plain.yaml").write_text("")
+    results: dict[str, Any] = {}
+    with guarded, plain:
+        for n, script in scripts.items():
+            for srv in (guarded, plain):  # warm up
+                run_wrk(wrk, srv.url, script, 2, args.connections)
+            runs: dict[str, list[dict[str, float]]] = {"guarded": [], "plain": []}
+            for _ in range(args.rounds):
+                runs["guarded"].append(run_wrk(wrk, guarded.url, script, args.seconds, args.connections))
+                runs["plain"].append(run_wrk(wrk, plain.url, script, args.seconds, args.connections))
+            med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p99_ms")}
+                   for k, v in runs.items()}
+            med["ratio"] = {
+                "throughput": med["guarded"]["rps"] / med["plain"]["rps"],
+                "p50": med["guarded"]["p50_ms"] / med["plain"]["p50_ms"],
+                "p99": med["guarded"]["p99_ms"] / med["plain"]["p99_ms"],
+            }
+            results[f"{n}_rows"] = {**med, "rounds": runs}
+    print(f"\nwrk, 1 thread, {args.connections} connections, {args.seconds:.0f} s x {args.rounds} rounds, "
+          "one BentoML worker each (medians over rounds)")
+    print(f"{'rows/request':>12} {'service':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for key, r in results.items():
+        for name in ("guarded", "plain"):
+            g = r[name]
+            print(f"{key.split('_')[0]:>12} {name:>8} {g['rps']:>9.0f} {g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}")
+        ratio = r["ratio"]
+        print(f"{'':>12} {'ratio':>8} {ratio['throughput']:>9.2f} {ratio['p50']:>8.2f} {ratio['p99']:>8.2f}")
+    results["cpu_count"] = os.cpu_count()
+    results["overrides"] = json.loads(args.overrides)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
