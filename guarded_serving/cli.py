@@ -190,6 +190,75 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, host=args.host, port=args.port, workers=args.workers)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .store.sql import Store
+
+    config = load_config(args.config)
+    from .profile import Profile
+
+    target = Profile.load(config.profile).target
+    store = Store(config.store.url, prefix=config.store.table_prefix)
+    since = _parse_time(args.since) if args.since else None
+    with tqdm(total=1, desc="reading the prediction log", file=sys.stderr) as bar:
+        df = store.joined(since=since, with_outcomes_only=args.with_outcomes_only)
+        bar.update()
+    out = export_frame(df, target)
+    write_table(out, args.out)
+    with_outcome = int(out[target].notna().sum()) if target in out else 0
+    print(f"exported {len(out)} logged rows ({with_outcome} with outcomes) from {store.url_display} "
+          f"to {args.out}; train the next model with --target {target}")
+    return 0
+
+
+def export_frame(df: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Flatten the prediction log for retraining: one column per feature, the outcome under the
+    profile's target name, and the serving metadata (EXPORT_META_COLUMNS) beside them."""
+    feats = pd.DataFrame([f if isinstance(f, dict) else {} for f in df.get("features", [])], index=df.index)
+    meta = [c for c in ("request_id", "row", "ts", "model", "primary_model", "primary_version",
+                        "fallback_model", "fallback_version", "route", "reasons", "prediction",
+                        "primary_prediction", "fallback_prediction", "latency_ms", "outcome_ts")
+            if c in df.columns]
+    out = pd.concat([feats, df[meta]], axis=1)
+    out[target] = df["outcome"] if "outcome" in df.columns else None
+    if "ts" in out:
+        out["ts"] = pd.to_datetime(out["ts"], unit="s", utc=True)
+    if "outcome_ts" in out:
+        out["outcome_ts"] = pd.to_datetime(out["outcome_ts"], unit="s", utc=True)
+    for c in ("prediction", "primary_prediction", "fallback_prediction", target):
+        if c in out and out[c].map(lambda v: v is None or isinstance(v, (int, float))).all():
+            out[c] = pd.to_numeric(out[c], errors="coerce")
+    return out
+
+
+def _parse_time(v: str) -> float:
+    """Epoch seconds from an ISO-8601 time, or from a duration ago such as 24h, 7d, 30m."""
+    import re
+    import time
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", v.strip())
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        ts = pd.Timestamp(v)
+    except ValueError:
+        raise GuardedServingError(f"--since: expected an ISO time (2026-11-01T00:00Z) or a duration (24h, 7d), got {v!r}") from None
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return float(ts.timestamp())
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import build_report
+
+    config = load_config(args.config)
+    html = build_report(config)
+    Path(args.out).write_text(html)
+    print(f"wrote {args.out}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -249,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write the prediction log (features, predictions, routes, "
+                                      "outcomes) as a training set")
+    p.add_argument("config", help="serving config YAML (names the store)")
+    p.add_argument("--out", required=True, help="output .parquet or .csv")
+    p.add_argument("--since", help="only rows logged since an ISO time or a duration ago (24h, 7d)")
+    p.add_argument("--with-outcomes-only", action="store_true", help="only rows with a true outcome")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="render the drift and performance report as one HTML file")
+    p.add_argument("config", help="serving config YAML (names the store)")
+    p.add_argument("--out", default="drift.html")
+    p.set_defaults(func=cmd_report)
     return ap
 
 

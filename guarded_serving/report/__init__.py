@@ -1,0 +1,85 @@
+"""The drift and performance report, built from the store a serving config names.
+
+``build_report(config)`` reads what the service wrote (drift segments, the prediction log and
+outcomes) and computes the same views ``GET /drift`` and ``GET /performance`` return, with the same
+functions, so the page and the endpoints agree.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from ..config import ServingConfig
+from ..drift.stats import DriftThresholds
+from ..drift.windows import Segment, assemble_windows, drift_view
+from ..performance import live_performance
+from ..profile import Profile
+from .html import render_report
+
+__all__ = ["build_report", "render_report", "report_data"]
+
+
+def report_data(config: ServingConfig) -> dict[str, Any]:
+    """Everything the report shows, as plain data: drift view, distributions, history, performance."""
+    from ..store.sql import Store  # adapter: only the report's data loading touches the database
+
+    profile = Profile.load(config.profile)
+    store = Store(config.store.url, prefix=config.store.table_prefix)
+    try:
+        segments = [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
+                    for s in store.segments()]
+        d = config.drift
+        thresholds = DriftThresholds(min_rows=d.min_rows)
+        view = drift_view(segments, profile, d.window_rows, d.window_seconds,
+                          d.consecutive_windows_for_retrain, thresholds)
+        log = store.joined()
+        outcomes = store.outcome_rows()
+    finally:
+        store.close()
+    current = view["current"]
+    distributions = {
+        f["name"]: {"labels": f["buckets"], "training": f["expected"], "live": f["observed"]}
+        for f in list(current.get("features") or []) + ([current["prediction"]] if current.get("prediction") else [])
+        if f.get("buckets")
+    }
+    windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds)
+    summary = {w["index"]: w for w in view.get("windows") or []}
+    history = []
+    for w in windows:
+        rows = log[(log["ts"] >= w.start) & (log["ts"] <= w.end)] if len(log) else log
+        reasons: Counter[str] = Counter()
+        for r in rows.get("reasons", []):
+            reasons.update(x for x in str(r or "").split(";") if x)
+        s = summary.get(w.index, {})
+        history.append({
+            "end": _iso(w.end),
+            "rows": w.rows,
+            "closed": w.closed,
+            "status": s.get("status"),
+            "statistics": {k: v.get("psi") for k, v in (s.get("features") or {}).items()},
+            "fallback_rate": float((rows["route"] == "fallback").mean()) if len(rows) else None,
+            "reasons": dict(reasons),
+        })
+    perf = live_performance(outcomes, profile.task, profile.baseline, window_rows=d.window_rows)
+    return {"drift": view, "distributions": distributions, "history": history, "performance": perf,
+            "model": config.name}
+
+
+def build_report(config: ServingConfig) -> str:
+    """The self-contained HTML report for the model a serving config names."""
+    data = report_data(config)
+    view = data["drift"]
+    return render_report(
+        title=f"{config.name}: drift and live performance",
+        drift={**view["current"], "retrain_recommended": view.get("retrain_recommended")},
+        distributions=data["distributions"],
+        history=data["history"],
+        performance=data["performance"],
+        generated_at=datetime.now(UTC),
+    )
+
+
+def _iso(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
