@@ -100,8 +100,8 @@ def render_report(
 
     if history:
         xs = [_short_time(h.get("end")) for h in history]
-        stat_series = {
-            name: [h.get("statistics", {}).get(name) for h in history]
+        stat_series: dict[str, Sequence[float | None]] = {
+            str(name): [h.get("statistics", {}).get(name) for h in history]
             for name in [f.get("name") for f in features]
         }
         out.append("<h2>Drift over time</h2>")
