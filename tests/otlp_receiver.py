@@ -115,3 +115,35 @@ class OtlpReceiver:
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class GrpcOtlpReceiver(OtlpReceiver):
+    """The same receiver over OTLP/gRPC (``TraceService/Export``)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:  # noqa: D107
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        self.spans = []
+        self.requests = 0
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+                receiver._add(request)
+                return ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{host}:0")
+        self.endpoint = f"http://{host}:{self.port}"
+
+    def __enter__(self) -> GrpcOtlpReceiver:
+        self._grpc.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._grpc.stop(grace=None)

@@ -17,7 +17,7 @@ from guarded_serving.config import load_config
 from guarded_serving.guard import GuardedModel
 
 from . import _data
-from .otlp_receiver import OtlpReceiver
+from .otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 from .server import Server, free_port, write_config
 
 pytestmark = pytest.mark.e2e
@@ -34,12 +34,21 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver) -> Iterator[dict[str, Server]]:
-    """Three services started side by side: the example traced into a live OTLP receiver; the
-    example with its trace backend down; a primary that always raises beside a fragile fallback."""
+def grpc_receiver() -> Iterator[GrpcOtlpReceiver]:
+    with GrpcOtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver,
+            grpc_receiver: GrpcOtlpReceiver) -> Iterator[dict[str, Server]]:
+    """Services started side by side: the example traced into a live OTLP/HTTP receiver; the same
+    over OTLP/gRPC; the example with its trace backend down; a primary that always raises beside a
+    fragile fallback."""
     dead = free_port()  # nothing listens here
     specs = {
         "main": dict(tracing={"endpoint": receiver.endpoint}, max_rows=50),
+        "grpc": dict(tracing={"endpoint": grpc_receiver.endpoint, "protocol": "grpc"}),
         "dead_backend": dict(tracing={"endpoint": f"http://127.0.0.1:{dead}/v1/traces"}),
         "broken": dict(primary={"callable": "tests.models_for_tests:raising_primary"},
                        fallback={"callable": "tests.models_for_tests:fragile_fallback"}),
@@ -201,6 +210,17 @@ def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, r
     assert http.kind == 2  # SERVER
     assert http.attributes.get("http.method", http.attributes.get("http.request.method")) == "POST"
     assert root.resource.get("service.name")
+
+
+def test_spans_also_export_over_otlp_grpc(servers: dict[str, Server], grpc_receiver: GrpcOtlpReceiver) -> None:
+    rows = _rows(_data.features(_data.holdout()).head(1))
+    assert post(servers["grpc"], "/predict", {"rows": rows}, headers={"X-Request-ID": "grpc-1"}).status_code == 200
+    spans = grpc_receiver.wait_for(lambda ss: any(
+        s.attributes.get("guarded_serving.request.id") == "grpc-1" and s.name == "guarded_serving.predict" for s in ss))
+    root = next(s for s in spans if s.attributes.get("guarded_serving.request.id") == "grpc-1"
+                and s.name == "guarded_serving.predict")
+    assert {s.name for s in spans if s.parent_span_id == root.span_id} >= {
+        "guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback"}
 
 
 def test_a_raising_primary_still_gets_fallback_answers(servers: dict[str, Server]) -> None:
