@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pandas as pd
 from opentelemetry import trace
@@ -149,6 +151,30 @@ class GuardedModel:
         such rows to "rejected" with no prediction), FallbackFailedError when the fallback fails
         for rows that needed it.
         """
+        steps = self._steps(data, on_reject, request_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(self._run_primary(*call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def apredict(self, data: Any, *, on_reject: str = "raise", request_id: str | None = None) -> GuardedResult:
+        """``predict`` for an event loop: checks and the fallback run inline (they are fast and
+        bounded), the primary runs in a worker thread, awaited at most ``latency_budget_ms``.
+        One thread hop per batch, like a plain synchronous BentoML API."""
+        steps = self._steps(data, on_reject, request_id)
+        try:
+            call = next(steps)
+            while True:
+                call = steps.send(await self._arun_primary(*call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _steps(self, data: Any, on_reject: str, request_id: str | None) -> Generator[
+            tuple[Verdicts, np.ndarray], tuple[Prediction | None, str | None, bool], GuardedResult]:
+        """The guarded prediction as a generator: it yields once to have the primary called (by
+        the sync or the async driver) and returns the result."""
         t0 = time.perf_counter()
         with _tracer.start_as_current_span("guarded_serving.predict") as span:
             span.set_attribute("guarded_serving.model.name", self.name)
@@ -184,7 +210,7 @@ class GuardedModel:
             primary_pred, err, missed = None, None, False
             t_primary_start = time.perf_counter()
             if primary_idx.size:
-                primary_pred, err, missed = self._run_primary(verdicts, primary_idx)
+                primary_pred, err, missed = yield verdicts, primary_idx
                 if primary_pred is None:
                     code = LATENCY_BUDGET if missed else PRIMARY_ERROR
                     routes[primary_idx] = FALLBACK_ROUTE
@@ -256,25 +282,58 @@ class GuardedModel:
             pspan.set_attribute("guarded_serving.model.name", self.primary.name)
             pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
             pspan.set_attribute("guarded_serving.rows", int(idx.size))
-            pred: Prediction | None
             try:
                 if self._executor is None:
-                    pred = _predict(self.primary, verdicts, idx)
-                else:
-                    pred = self._predict_within_budget(verdicts, idx)
-                    if pred is None:
-                        pspan.set_attribute("guarded_serving.latency_budget_missed", True)
-                        pspan.set_status(Status(StatusCode.ERROR, "latency_budget"))
-                        pspan.set_attribute("error.type", "latency_budget")
-                        return None, f"primary exceeded its {self.latency_budget_ms} ms budget", True
-                _check_length(pred, idx.size, "primary")
-                return pred, None, False
+                    return self._checked(_predict(self.primary, verdicts, idx), idx)
+                pred = self._predict_within_budget(verdicts, idx)
+                return self._missed(pspan) if pred is None else self._checked(pred, idx)
             except Exception as e:
-                log.warning("primary model %s failed on %d row(s): %s", self.primary.name, idx.size, e)
-                pspan.record_exception(e)
-                pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
-                pspan.set_attribute("error.type", type(e).__name__)
-                return None, f"{type(e).__name__}: {e}", False
+                return self._failed(pspan, e, idx)
+
+    async def _arun_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
+        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
+            pspan.set_attribute("guarded_serving.model.name", self.primary.name)
+            pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
+            pspan.set_attribute("guarded_serving.rows", int(idx.size))
+            try:
+                if self.latency_budget_ms is None:
+                    pred = await anyio.to_thread.run_sync(_predict, self.primary, verdicts, idx)
+                else:
+                    with self._lock:
+                        if self._inflight >= self.max_primary_inflight:
+                            return self._missed(pspan)
+                        self._inflight += 1
+                    with anyio.move_on_after(self.latency_budget_ms / 1e3):
+                        # Abandoned on timeout: the call finishes in its thread, nobody waits.
+                        return self._checked(await anyio.to_thread.run_sync(
+                            self._predict_and_release, verdicts, idx, abandon_on_cancel=True), idx)
+                    return self._missed(pspan)
+                return self._checked(pred, idx)
+            except Exception as e:
+                return self._failed(pspan, e, idx)
+
+    def _predict_and_release(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
+        try:
+            return _predict(self.primary, verdicts, idx)
+        finally:
+            self._release(None)
+
+    def _checked(self, pred: Prediction, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
+        _check_length(pred, idx.size, "primary")
+        return pred, None, False
+
+    def _missed(self, pspan: Any) -> tuple[Prediction | None, str | None, bool]:
+        pspan.set_attribute("guarded_serving.latency_budget_missed", True)
+        pspan.set_status(Status(StatusCode.ERROR, "latency_budget"))
+        pspan.set_attribute("error.type", "latency_budget")
+        return None, f"primary exceeded its {self.latency_budget_ms} ms budget", True
+
+    def _failed(self, pspan: Any, e: Exception, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
+        log.warning("primary model %s failed on %d row(s): %s", self.primary.name, idx.size, e)
+        pspan.record_exception(e)
+        pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
+        pspan.set_attribute("error.type", type(e).__name__)
+        return None, f"{type(e).__name__}: {e}", False
 
     def _shadow_primary(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
         """The primary's answers for flagged rows, for the record only; failures are expected

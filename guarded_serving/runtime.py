@@ -15,9 +15,11 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .config import ServingConfig
 from .drift.state import DriftState
@@ -39,6 +41,8 @@ from .telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
+#: How often recorded predictions are turned into drift counts, shadow predictions and log rows.
+MONITOR_INTERVAL_S = 0.05
 #: How long /feedback waits for other workers' log writers before calling a request id unknown.
 FEEDBACK_WAIT_S = 2.0
 
@@ -57,7 +61,12 @@ class ServingRuntime:
     def __init__(self, config: ServingConfig, *, metrics: ServiceMetrics | None = None,
                  worker_id: str | None = None) -> None:
         self.config = config
-        self.guard = GuardedModel.from_config(config)
+        pl = config.prediction_log
+        # Shadow predictions are for the record only: they run in the background, batched over
+        # many requests, not on the request path (see _process).
+        self.shadow_fallback = pl.enabled and pl.shadow_fallback
+        self.shadow_primary = pl.enabled and pl.shadow_primary
+        self.guard = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
         self.profile = self.guard.profile
         self.metrics = metrics
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -78,6 +87,12 @@ class ServingRuntime:
             self.writer = LogWriter(self.store, queue_size=pl.queue_size, batch_size=pl.batch_size,
                                     on_drop=self._on_drop)
         self._last_purge = 0.0
+        self._pending: deque[tuple[str, float, GuardedResult]] = deque()
+        self._pending_rows = 0
+        self._pending_limit = max(pl.queue_size, config.max_rows)
+        self._pending_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._monitor_pid: int | None = None
 
     # -- store -------------------------------------------------------------------------------
 
@@ -100,28 +115,102 @@ class ServingRuntime:
         try:
             result = self.guard.predict(rows, on_reject=on_reject, request_id=request_id)
         except SchemaError:
-            if self.metrics is not None:
-                self.metrics.rows.labels(self.config.name, "rejected").inc(_n_rows(rows))
+            self._count_rejected(rows)
             raise
-        if self.metrics is not None:
-            self.metrics.observe(result)
-        if self._drift is not None and result.verdicts is not None:
-            keep = result.routes != "rejected"
-            cols = result.verdicts.columns
-            preds = result.primary_predictions
-            if not keep.all():
-                cols = {k: v[keep] for k, v in cols.items()}
-                preds = None if preds is None else preds[keep]
-            with self._drift_lock:
-                self._drift.update(cols, preds)
-        if self.writer is not None:
-            self.writer.submit(self._log_rows(request_id, result))
-        self._ensure_flusher()
+        self._record(result, request_id)
         return result
 
-    def _log_rows(self, request_id: str, result: GuardedResult) -> list[dict[str, Any]]:
+    async def apredict(self, rows: Any, request_id: str, on_reject: str = "raise") -> GuardedResult:
+        """``predict`` from an event loop (see ``GuardedModel.apredict``)."""
+        try:
+            result = await self.guard.apredict(rows, on_reject=on_reject, request_id=request_id)
+        except SchemaError:
+            self._count_rejected(rows)
+            raise
+        self._record(result, request_id)
+        return result
+
+    def _count_rejected(self, rows: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.rows.labels(self.config.name, "rejected").inc(_n_rows(rows))
+
+    def _record(self, result: GuardedResult, request_id: str) -> None:
+        """Metrics now; drift counts, shadow predictions and the log in the background."""
+        if self.metrics is not None:
+            self.metrics.observe(result)
+        if self._drift is None and self.writer is None:
+            return
         n = result.n_rows
-        now = time.time()
+        with self._pending_lock:
+            if self._pending_rows + n > self._pending_limit:
+                dropped = True
+            else:
+                dropped = False
+                self._pending.append((request_id, time.time(), result))
+                self._pending_rows += n
+        if dropped:  # overload: count it, never make the request wait
+            self._on_drop(n)
+            return
+        self._ensure_background()
+
+    def drain(self) -> None:
+        """Process every prediction recorded so far (drift counts, shadows, log rows)."""
+        with self._drain_lock:
+            with self._pending_lock:
+                items = list(self._pending)
+                self._pending.clear()
+                self._pending_rows = 0
+            if items:
+                try:
+                    self._process(items)
+                except Exception:  # monitoring must never take serving down
+                    log.exception("could not record %d prediction(s) for monitoring", len(items))
+
+    def _process(self, items: list[tuple[str, float, GuardedResult]]) -> None:
+        results = [r for _, _, r in items if r.verdicts is not None]
+        if not results:
+            return
+        names = list(results[0].verdicts.columns)  # type: ignore[union-attr]
+        cols = {k: _concat([r.verdicts.columns[k] for r in results]) for k in names}  # type: ignore[union-attr]
+        routes = np.concatenate([r.routes for r in results])
+        primary = _concat([r.primary_predictions for r in results])
+        fallback = _concat([r.fallback_predictions for r in results])
+        if self.shadow_fallback:
+            self._shadow(self.guard.fallback, cols, (routes != "rejected") & pd.isna(fallback), fallback)
+        if self.shadow_primary:
+            self._shadow(self.guard.primary, cols, (routes == "fallback") & pd.isna(primary), primary)
+        # Give each result its share back (the log rows are built from the results).
+        start = 0
+        for r in results:
+            end = start + r.n_rows
+            r.primary_predictions, r.fallback_predictions = primary[start:end], fallback[start:end]
+            start = end
+        if self._drift is not None:
+            keep = routes != "rejected"
+            if not keep.all():
+                cols = {k: v[keep] for k, v in cols.items()}
+                primary = primary[keep]
+            with self._drift_lock:
+                self._drift.update(cols, primary)
+        if self.writer is not None:
+            rows: list[dict[str, Any]] = []
+            for rid, ts, r in items:
+                rows.extend(self._log_rows(rid, r, ts))
+            self.writer.submit(rows)
+
+    def _shadow(self, model: Any, cols: dict[str, Any], mask: np.ndarray, out: np.ndarray) -> None:
+        idx = np.flatnonzero(mask)
+        if not idx.size:
+            return
+        try:
+            pred = _run_model(model, {k: v[idx] for k, v in cols.items()})
+            if len(pred) == idx.size:
+                out[idx] = pred.labels
+        except Exception as e:  # flagged rows may well break the primary; that is the point
+            log.debug("shadow %s call on %d row(s) failed: %s", getattr(model, "name", "model"), idx.size, e)
+
+    def _log_rows(self, request_id: str, result: GuardedResult, now: float) -> list[dict[str, Any]]:
+        n = result.n_rows
         g = self.guard
         served = _plain(result.predictions)
         prim = _plain(result.primary_predictions)
@@ -162,6 +251,7 @@ class ServingRuntime:
         """Write this worker's drift counts as one segment; on failure keep them for next time."""
         if self._drift is None:
             return True
+        self.drain()
         with self._drift_lock:
             pending, self._drift = self._drift, DriftState.empty(self.profile)
         if pending.is_empty:
@@ -260,6 +350,7 @@ class ServingRuntime:
                                         expected=self._outcome_type(), got=repr(outcome)[:80]))
         if problems:
             raise SchemaError(f"{len(problems)} outcome(s) of the wrong type", problems)
+        self.drain()
         if self.writer is not None:
             self.writer.flush(timeout=FEEDBACK_WAIT_S)
         deadline = time.monotonic() + FEEDBACK_WAIT_S
@@ -295,7 +386,7 @@ class ServingRuntime:
 
     # -- background work ---------------------------------------------------------------------
 
-    def _ensure_flusher(self) -> None:
+    def _ensure_background(self) -> None:
         # Started on first use in each worker: a thread started before BentoML forks would not survive.
         if self._flusher_pid == os.getpid():
             return
@@ -305,6 +396,11 @@ class ServingRuntime:
             self._flusher_pid = os.getpid()
             self._flusher = threading.Thread(target=self._flush_loop, name="guarded-flush", daemon=True)
             self._flusher.start()
+            threading.Thread(target=self._monitor_loop, name="guarded-monitor", daemon=True).start()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            self.drain()
 
     def _flush_loop(self) -> None:
         interval = self.config.store.flush_seconds
@@ -329,6 +425,7 @@ class ServingRuntime:
     def close(self) -> None:
         """Flush what is pending (drift counts, prediction log) and stop background work."""
         self._stop.set()
+        self.drain()
         if self.writer is not None:
             self.writer.close(timeout=5.0)
         try:
@@ -372,6 +469,20 @@ def parse_feedback(body: Any) -> tuple[list[tuple[str, int, Any]], bool]:
     else:
         raise PayloadError('the body must have "request_id" and "outcomes", or "items"')
     return items, overwrite
+
+
+def _concat(parts: list[Any]) -> np.ndarray:
+    """One array from per-request arrays (object arrays for text, whatever came in)."""
+    arrays = [p if isinstance(p, np.ndarray) else pd.array(p).to_numpy(dtype=object, na_value=None)
+              for p in parts]
+    return arrays[0].copy() if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _run_model(model: Any, cols: dict[str, Any]) -> Any:
+    predict_columns = getattr(model, "predict_columns", None)
+    if predict_columns is not None:
+        return predict_columns(cols)
+    return model.predict(pd.DataFrame(cols))
 
 
 def _n_rows(rows: Any) -> int:

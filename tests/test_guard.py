@@ -1,5 +1,6 @@
 import time
 
+import anyio
 import numpy as np
 import pandas as pd
 import pytest
@@ -188,3 +189,33 @@ def test_shadow_primary_records_but_never_serves_its_answers_on_flagged_rows() -
     assert not np.allclose(r.primary_predictions, r.fallback_predictions)
     quiet = GuardedModel.from_config(load_config(CONFIG), shadow_primary=False).predict(X)
     assert np.isnan(quiet.primary_predictions).all()
+
+
+def test_async_predict_agrees_with_predict(guarded: GuardedModel) -> None:
+    X = features(serve()).sample(200, random_state=0)
+    sync = guarded.predict(X, request_id="r1")
+    asy = anyio.run(lambda: guarded.apredict(X, request_id="r1"))
+    assert asy.routes.tolist() == sync.routes.tolist()
+    assert asy.reasons == sync.reasons
+    np.testing.assert_allclose(asy.predictions, sync.predictions)
+    np.testing.assert_allclose(asy.primary_predictions, sync.primary_predictions)
+
+
+def test_async_predict_falls_back_on_a_raising_or_late_primary() -> None:
+    def broken(df):
+        raise RuntimeError("boom")
+
+    def slow(df):
+        time.sleep(0.4)
+        return np.ones(len(df))
+
+    X = features(holdout()).iloc[:3]
+    r = anyio.run(lambda: _with_primary(CallableModel(broken, task="regression")).apredict(X))
+    assert r.routes.tolist() == ["fallback"] * 3 and r.primary_error == "RuntimeError: boom"
+    gm = _with_primary(CallableModel(slow, task="regression"), budget=50)
+    t = time.perf_counter()
+    r = anyio.run(lambda: gm.apredict(X))
+    assert time.perf_counter() - t < 0.3, "the event loop waited for the late primary"
+    assert r.budget_missed and all("latency_budget" in rs for rs in r.reasons)
+    time.sleep(0.5)
+    assert gm._inflight == 0  # the abandoned call released its slot when it finished

@@ -201,8 +201,8 @@ def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, r
     assert "out_of_range:carat" in root.attributes["guarded_serving.reasons"]
     assert root.attributes["guarded_serving.model.name"] == "diamonds-price"
     children = {s.name: s for s in spans if s.parent_span_id == root.span_id}
-    assert set(children) == {"guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback",
-                             "guarded_serving.primary.shadow"}
+    # Shadow predictions run later, in the background, outside the request's trace.
+    assert set(children) == {"guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback"}
     assert all(c.trace_id == root.trace_id for c in children.values())
     assert children["guarded_serving.primary"].attributes["guarded_serving.model.name"] == "diamonds-gbr"
     # The request span is BentoML's HTTP server span, with OTel HTTP semantic conventions.
@@ -219,8 +219,8 @@ def test_spans_also_export_over_otlp_grpc(servers: dict[str, Server], grpc_recei
         s.attributes.get("guarded_serving.request.id") == "grpc-1" and s.name == "guarded_serving.predict" for s in ss))
     root = next(s for s in spans if s.attributes.get("guarded_serving.request.id") == "grpc-1"
                 and s.name == "guarded_serving.predict")
-    assert {s.name for s in spans if s.parent_span_id == root.span_id} >= {
-        "guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback"}
+    assert {s.name for s in spans if s.parent_span_id == root.span_id} == {
+        "guarded_serving.validate", "guarded_serving.primary"}
 
 
 def test_a_raising_primary_still_gets_fallback_answers(servers: dict[str, Server]) -> None:
