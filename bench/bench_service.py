@@ -36,30 +36,6 @@ from tests.server import Server, write_config  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "service.json"
 
 
-class PlainServer(Server):
-    """The same harness, serving bench/plain_service.py."""
-
-    def start(self, timeout: float = 90.0) -> Server:
-        import time
-
-        import httpx
-
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "bench.plain_service:PlainService",
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        raise RuntimeError(f"plain service not ready:\n{self.logs()}")
-
-
 def ensure_wrk() -> str:
     path = shutil.which("wrk")
     if path:
@@ -121,8 +97,7 @@ def main() -> None:
     scripts = {n: lua_for(b, tmp / f"rows{n}") for n, b in bodies.items()}
     env = {"OMP_NUM_THREADS": "1"}
     guarded = Server(write_config(tmp, **json.loads(args.overrides)), workers=1, env=env)
-    plain = PlainServer(tmp / "plain.yaml", workers=1, env=env)
-    (tmp / "plain.yaml").write_text("")
+    plain = Server(tmp / "serving.yaml", workers=1, env=env, target="bench.plain_service:PlainService")
     results: dict[str, Any] = {}
     with guarded, plain:
         for n, script in scripts.items():

@@ -94,9 +94,13 @@ def cmd_fallback(args: argparse.Namespace) -> int:
     from .fallback import FallbackTrainer
 
     data = read_table(args.data)
+    exclude = list(args.exclude or [])
+    if args.from_export:
+        exclude += [c for c in EXPORT_META_COLUMNS if c in data.columns and c != args.target]
+        data = data[data[args.target].notna()] if args.target in data.columns else data
     trainer = FallbackTrainer(task=args.task, alpha=args.alpha, C=args.C,
                               clip_margin=args.clip_margin, name=args.name)
-    trainer.fit(data, args.target, exclude=args.exclude or ())
+    trainer.fit(data, args.target, exclude=exclude)
     trainer.save_onnx(args.out)
     coefs = sorted(trainer.coefficients().items(), key=lambda kv: -abs(kv[1]))[:8]
     print(f"trained {args.task} fallback on {len(data)} rows, "
@@ -297,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-margin", type=float, default=0.5,
                    help="clip inputs to the training range widened by this fraction of it (default 0.5)")
     p.add_argument("--name", default="fallback", help="model name recorded in the ONNX metadata")
+    p.add_argument("--from-export", action="store_true",
+                   help="DATA comes from 'guarded-serving export': skip its bookkeeping columns "
+                        "and rows without an outcome")
     p.set_defaults(func=cmd_fallback)
 
     p = sub.add_parser("check", help="count rows that pass, go to the fallback or are rejected")

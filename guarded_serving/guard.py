@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,10 +279,7 @@ class GuardedModel:
 
     def _run_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
         """(prediction or None, error text, budget missed)."""
-        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
-            pspan.set_attribute("guarded_serving.model.name", self.primary.name)
-            pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
-            pspan.set_attribute("guarded_serving.rows", int(idx.size))
+        with self._primary_span(idx) as pspan:
             try:
                 if self._executor is None:
                     return self._checked(_predict(self.primary, verdicts, idx), idx)
@@ -291,10 +289,7 @@ class GuardedModel:
                 return self._failed(pspan, e, idx)
 
     async def _arun_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
-        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
-            pspan.set_attribute("guarded_serving.model.name", self.primary.name)
-            pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
-            pspan.set_attribute("guarded_serving.rows", int(idx.size))
+        with self._primary_span(idx) as pspan:
             try:
                 if self.latency_budget_ms is None:
                     pred = await anyio.to_thread.run_sync(_predict, self.primary, verdicts, idx)
@@ -311,6 +306,14 @@ class GuardedModel:
                 return self._checked(pred, idx)
             except Exception as e:
                 return self._failed(pspan, e, idx)
+
+    @contextmanager
+    def _primary_span(self, idx: np.ndarray) -> Iterator[Any]:
+        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
+            pspan.set_attribute("guarded_serving.model.name", self.primary.name)
+            pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
+            pspan.set_attribute("guarded_serving.rows", int(idx.size))
+            yield pspan
 
     def _predict_and_release(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
         try:

@@ -17,6 +17,7 @@ import yaml
 from ._data import EXAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "guarded_serving.service:GuardedService"
 
 
 def free_port() -> int:
@@ -45,9 +46,10 @@ def write_config(directory: Path, **overrides: Any) -> Path:
 class Server:
     """``with Server(config) as srv: httpx.post(srv.url + "/predict", ...)``"""
 
-    def __init__(self, config: Path, workers: int = 1, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+    def __init__(self, config: Path, workers: int = 1, env: dict[str, str | None] | None = None,
+                 port: int | None = None, target: str = SERVICE, cwd: Path = ROOT) -> None:
         self.config = config
+        self.target, self.cwd = target, cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config.parent / f"server-{self.port}.log"
@@ -59,14 +61,14 @@ class Server:
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             **(env or {}),
         }
+        self.env = {k: v for k, v in self.env.items() if v is not None}  # None: unset it
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> Server:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "guarded_serving.service:GuardedService",
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=str(ROOT), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "bentoml", "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=str(self.cwd), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

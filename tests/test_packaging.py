@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from . import _data
-from .server import ROOT, Server, free_port
+from .server import ROOT, Server
 
 
 def test_bentofile_pins_match_pyproject() -> None:
@@ -26,44 +26,11 @@ def test_bentofile_pins_match_pyproject() -> None:
     assert sorted(bento["python"]["packages"]) == sorted(d for d in deps if not d.startswith("bentoml"))
 
 
-class BentoServer(Server):
-    """`bentoml serve <tag>` from a directory that is not the repository."""
-
-    def __init__(self, tag: str, cwd: Path, env: dict[str, str]) -> None:
-        self.tag, self.cwd = tag, cwd
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = cwd / "bento-serve.log"
-        self.env = env
-        self.proc = None
-
-    def start(self, timeout: float = 120.0) -> Server:
-        import time
-
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", self.tag, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bento exited:\n{self.logs()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bento not ready:\n{self.logs()}")
-
-
 @pytest.mark.e2e
 def test_bentoml_build_then_serve_the_bento_elsewhere(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDED_SERVING_")}
-    env.update(BENTOML_HOME=str(tmp_path / "bentoml-home"), BENTOML_DO_NOT_TRACK="true")
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag"], cwd=ROOT, env=env,
+    home = {"BENTOML_HOME": str(tmp_path / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "true"}
+    build_env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDED_SERVING_")} | home
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-o", "tag"], cwd=ROOT, env=build_env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
@@ -80,10 +47,15 @@ def test_bentoml_build_then_serve_the_bento_elsewhere(tmp_path: Path) -> None:
     assert "onnxruntime" in reqs and "opentelemetry-sdk" in reqs
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env["GUARDED_SERVING_STORE_URL"] = f"sqlite:///{tmp_path / 'bento-store.sqlite3'}"
-    # Importing from the bento, not from this checkout.
-    env["PYTHONPATH"] = ""
-    with BentoServer(tag, elsewhere, env) as srv:
+    env: dict[str, str | None] = {
+        **home,
+        "GUARDED_SERVING_STORE_URL": f"sqlite:///{tmp_path / 'bento-store.sqlite3'}",
+        "PYTHONPATH": "",  # import from the bento, not from this checkout
+        "GUARDED_SERVING_CONFIG": None,  # the bento's own envs apply
+        "GUARDED_SERVING_WORKERS": None,
+    }
+    # The config path only names where the server log goes; the bento brings its own config.
+    with Server(elsewhere / "unused.yaml", target=tag, cwd=elsewhere, env=env) as srv:
         big = _data.features(_data.serve()).query("carat > 2.0").head(1)
         rows = json.loads(pd.concat([_data.features(_data.holdout()).head(1), big]).to_json(orient="records"))
         r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)

@@ -132,6 +132,10 @@ def test_export_then_profile_the_production_data(served: tuple[Path, dict[str, A
 
     profile_path = tmp_path / "next-profile.json"
     assert cli(["profile", str(labelled), "--target", "price", "--from-export", "--out", str(profile_path)]) == 0
+    fb = tmp_path / "next-fallback.onnx"
+    assert cli(["fallback", str(everything), "--target", "price", "--task", "regression", "--from-export",
+                "--out", str(fb)]) == 0
+    assert fb.stat().st_size > 0
     nxt = Profile.load(profile_path)
     assert nxt.feature_names == features
     assert nxt.n_rows == 1200
