@@ -191,6 +191,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import serve
 
+    print(f"serving {args.config or 'the example'} on http://{args.host}:{args.port} "
+          f"with {args.workers} worker(s); Ctrl-C stops it", file=sys.stderr)
     return serve(args.config, host=args.host, port=args.port, workers=args.workers)
 
 

@@ -30,7 +30,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +313,7 @@ def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, 
     cmd = [sys.executable, "-m", "bentoml", "serve", "guarded_serving.service:GuardedService",
            "--host", host, "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env)
+    log.info("serving %s on http://%s:%s with %d worker(s)", path, host, port, workers)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -323,5 +323,3 @@ def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, 
         except subprocess.TimeoutExpired:
             proc.kill()
             return 130
-    finally:
-        time.sleep(0)

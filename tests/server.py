@@ -101,7 +101,22 @@ class Server:
             self.proc.wait()
 
     def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        """SIGKILL the server and every worker, as when a container is killed. BentoML's workers
+        are not all in the server's process group, so they are found by ancestry."""
+        import psutil
+
+        if self.proc is None:
+            return
+        try:
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
 
     def __enter__(self) -> Server:
         return self.start()

@@ -100,7 +100,12 @@ def test_two_workers_add_up_to_one_drift_view(tmp_path: Path) -> None:
     with Server(cfg, workers=2) as srv:
         _send(srv, df, batch=20, threads=8)
         body = _drift(srv, len(df))
+        metrics = httpx.get(srv.url + "/metrics").text
     workers = {s["worker"] for s in Store(load_config(cfg).store.url).segments()}
+    # /metrics adds up the workers too.
+    served = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith("guarded_serving_rows_total{"))
+    assert served == len(df)
     assert len(workers) >= 2, "both workers should have seen part of the traffic"
     assert body["cumulative"]["rows"] == len(df)
     local = _by_name(_local_evaluation(df))
