@@ -276,14 +276,15 @@ class ServingRuntime:
         segments = [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
                     for s in store.segments()]
         d = self.config.drift
+        now = time.time()  # closes a time window whose period has passed, even with no traffic
         view = drift_view(segments, self.profile, d.window_rows, d.window_seconds,
-                          d.consecutive_windows_for_retrain, self.thresholds)
-        self._after_view(view, segments)
+                          d.consecutive_windows_for_retrain, self.thresholds, now=now)
+        self._after_view(view, segments, now)
         view["model"] = self.config.name
         view["profile_hash"] = self.profile.content_hash
         return view
 
-    def _after_view(self, view: dict[str, Any], segments: list[Segment]) -> None:
+    def _after_view(self, view: dict[str, Any], segments: list[Segment], now: float) -> None:
         """Gauges, change events, alerts and compaction after each evaluation."""
         if self.metrics is not None:
             self.metrics.set_drift(view)
@@ -316,7 +317,7 @@ class ServingRuntime:
         self._last_retrain = retrain
         # Closed windows need one segment each, not one per flush.
         d = self.config.drift
-        windows = [w for w in assemble_windows(segments, self.profile, d.window_rows, d.window_seconds)
+        windows = [w for w in assemble_windows(segments, self.profile, d.window_rows, d.window_seconds, now=now)
                    if w.closed and len(w.segment_ids) > 1]
         for w in windows:
             seg = compact([w])[0]

@@ -26,7 +26,8 @@ from guarded_serving.guard import GuardedModel
 from guarded_serving.store.sql import Store
 
 from . import _data
-from .server import Server, write_config
+from .otlp_receiver import OtlpReceiver
+from .server import Server, free_port, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -160,8 +161,9 @@ class _Webhook:
 
 def test_shifted_traffic_turns_drift_on_recommends_retraining_and_alerts(tmp_path: Path) -> None:
     hook = _Webhook()
+    rx = OtlpReceiver().__enter__()
     cfg = write_config(tmp_path, drift={"window_rows": 300, "min_rows": 200, "consecutive_windows_for_retrain": 2,
-                                        "webhook_url": hook.url}, **FAST)
+                                        "webhook_url": hook.url}, tracing={"endpoint": rx.endpoint}, **FAST)
     holdout = _data.features(_data.holdout()).sample(600, random_state=3)
     serve = _data.features(_data.serve())
     shifted = serve[serve["carat"] >= 1.0].sample(900, random_state=3)
@@ -187,6 +189,32 @@ def test_shifted_traffic_turns_drift_on_recommends_retraining_and_alerts(tmp_pat
     assert 'guarded_serving_drift_status{feature="carat",model="diamonds-price"} 2.0' in metrics
     assert 'guarded_serving_retrain_recommended{model="diamonds-price"}' in metrics
     assert "drift: feature carat changed from" in srv.logs(tail=None)
+    # ...and a span event, exported like every other span.
+    spans = rx.wait_for(lambda ss: any(e[0] == "guarded_serving.drift.status_change" for s in ss for e in s.events))
+    event = next(e for s in spans for e in s.events if e[0] == "guarded_serving.drift.status_change"
+                 and e[1]["guarded_serving.feature"] == "carat")
+    assert event[1]["guarded_serving.drift.to"] == "drift"
+    rx.__exit__(None, None, None)
+
+
+def test_a_store_that_is_down_degrades_monitoring_not_predictions(tmp_path: Path) -> None:
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=1"
+    with Server(write_config(tmp_path, store={"url": dead, "flush_seconds": 0.3})) as srv:
+        rows = _rows(_data.features(_data.holdout()).head(3))
+        for _ in range(5):
+            r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)
+            assert r.status_code == 200 and r.json()["routes"] == ["primary"] * 3
+        for method, path, body in (("GET", "/drift", None), ("GET", "/performance", None),
+                                   ("POST", "/feedback", {"request_id": r.json()["request_id"], "outcomes": [1.0, 2.0, 3.0]})):
+            resp = httpx.request(method, srv.url + path, json=body, timeout=30.0)
+            assert resp.status_code == 503, (path, resp.text)
+            assert resp.json()["error"] == "store_unavailable" and "***" not in resp.text
+        time.sleep(1.0)
+        assert httpx.get(srv.url + "/livez").status_code == 200
+        metrics = httpx.get(srv.url + "/metrics").text
+    dropped = [line for line in metrics.splitlines()
+               if line.startswith("guarded_serving_prediction_log_dropped_rows_total{")]
+    assert dropped and float(dropped[0].split()[-1]) == 15
 
 
 # -- feedback and performance ---------------------------------------------------------------

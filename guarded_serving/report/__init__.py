@@ -7,6 +7,7 @@ functions, so the page and the endpoints agree.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -32,8 +33,9 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
                     for s in store.segments()]
         d = config.drift
         thresholds = DriftThresholds(min_rows=d.min_rows)
+        now = time.time()
         view = drift_view(segments, profile, d.window_rows, d.window_seconds,
-                          d.consecutive_windows_for_retrain, thresholds)
+                          d.consecutive_windows_for_retrain, thresholds, now=now)
         log = store.joined()
         outcomes = store.outcome_rows()
     finally:
@@ -44,7 +46,7 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
         for f in list(current.get("features") or []) + ([current["prediction"]] if current.get("prediction") else [])
         if f.get("buckets")
     }
-    windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds)
+    windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds, now=now)
     summary = {w["index"]: w for w in view.get("windows") or []}
     history = []
     for w in windows:
