@@ -160,10 +160,14 @@ class OutlierModel:
 
     def scores(self, matrix: np.ndarray) -> np.ndarray:
         """Scores of an (n_rows, n_columns) float matrix whose columns follow ``columns``."""
-        z = (matrix - np.asarray(self.center)) / np.asarray(self.scale)
-        z = np.where(np.isnan(z), 0.0, z)
-        p = np.asarray(self.precision)
+        center, scale, p = self._arrays
+        z = (matrix - center) / scale
+        z[np.isnan(z)] = 0.0
         return np.sqrt(np.maximum(((z @ p) * z).sum(axis=1), 0.0))
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.center), np.asarray(self.scale), np.asarray(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return {

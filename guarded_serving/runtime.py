@@ -36,7 +36,7 @@ from .errors import (
 from .guard import GuardedModel, GuardedResult
 from .performance import live_performance, metric_gauges
 from .store.logwriter import LogWriter
-from .store.sql import Store
+from .store.sql import RawJSON, Store
 from .telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,10 @@ class ServingRuntime:
             end = start + r.n_rows
             r.primary_predictions, r.fallback_predictions = primary[start:end], fallback[start:end]
             start = end
+        features_json: list[str] | None = None
+        if self.writer is not None and self.config.prediction_log.log_features:
+            # pandas' C JSON writer, once for the whole drain (NaN becomes null).
+            features_json = pd.DataFrame(cols, copy=False).to_json(orient="records", lines=True, double_precision=15).splitlines()
         if self._drift is not None:
             keep = routes != "rejected"
             if not keep.all():
@@ -194,8 +198,11 @@ class ServingRuntime:
                 self._drift.update(cols, primary)
         if self.writer is not None:
             rows: list[dict[str, Any]] = []
+            start = 0
             for rid, ts, r in items:
-                rows.extend(self._log_rows(rid, r, ts))
+                feats = None if features_json is None else features_json[start:start + r.n_rows]
+                rows.extend(self._log_rows(rid, r, ts, feats))
+                start += r.n_rows
             self.writer.submit(rows)
 
     def _shadow(self, model: Any, cols: dict[str, Any], mask: np.ndarray, out: np.ndarray) -> None:
@@ -209,41 +216,36 @@ class ServingRuntime:
         except Exception as e:  # flagged rows may well break the primary; that is the point
             log.debug("shadow %s call on %d row(s) failed: %s", getattr(model, "name", "model"), idx.size, e)
 
-    def _log_rows(self, request_id: str, result: GuardedResult, now: float) -> list[dict[str, Any]]:
-        n = result.n_rows
+    def _log_rows(self, request_id: str, result: GuardedResult, now: float,
+                  features: list[str] | None) -> list[dict[str, Any]]:
+        """One log row per served row; ``features`` are the rows' features as JSON text."""
         g = self.guard
         served = _plain(result.predictions)
         prim = _plain(result.primary_predictions)
         fb = _plain(result.fallback_predictions)
         probs = None if result.probabilities is None else np.round(result.probabilities, 6).tolist()
-        features: list[dict[str, Any]] | None = None
-        if self.config.prediction_log.log_features and result.verdicts is not None:
-            # Plain tolist() here; the store turns NaN into null in the writer thread.
-            names = list(result.verdicts.columns)
-            values = [v.tolist() for v in result.verdicts.columns.values()]
-            features = [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+        classes = [_py(c) for c in result.classes or []]
         common = {
             "request_id": request_id, "ts": now, "model": self.config.name,
             "primary_model": g.primary.name, "primary_version": str(g.primary.version or ""),
             "fallback_model": g.fallback.name, "fallback_version": str(g.fallback.version or ""),
             "latency_ms": result.timing_ms.get("total"),
         }
-        out = []
-        for i in range(n):
-            row = dict(common)
-            row.update(
-                row=i,
-                route=str(result.routes[i]),
-                reasons=";".join(result.reasons[i]),
-                prediction=served[i],
-                primary_prediction=prim[i],
-                fallback_prediction=fb[i],
-                probabilities=None if probs is None else {"classes": [_py(c) for c in result.classes or []],
-                                                          "served": probs[i]},
-                features=None if features is None else features[i],
-            )
-            out.append(row)
-        return out
+        routes = result.routes.tolist()
+        return [
+            {
+                **common,
+                "row": i,
+                "route": routes[i],
+                "reasons": ";".join(result.reasons[i]),
+                "prediction": served[i],
+                "primary_prediction": prim[i],
+                "fallback_prediction": fb[i],
+                "probabilities": None if probs is None else {"classes": classes, "served": probs[i]},
+                "features": None if features is None else RawJSON(features[i]),
+            }
+            for i in range(result.n_rows)
+        ]
 
     # -- drift ---------------------------------------------------------------------------------
 

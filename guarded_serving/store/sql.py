@@ -78,7 +78,8 @@ class Store:
         self._password = parsed.password
         self.prefix = prefix
         self.dialect = parsed.get_backend_name()
-        kw: dict[str, Any] = {"pool_pre_ping": True}
+        # A ping per checkout finds connections a database server dropped; a file has none to drop.
+        kw: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
         sync = synchronous or parsed.query.get("synchronous") or "normal"
         if isinstance(sync, tuple):
             sync = sync[-1]
@@ -513,6 +514,10 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class RawJSON(str):
+    """JSON text encoded already (say, by pandas for a whole batch); stored as it is."""
+
+
 def dumps(v: Any) -> str:
     """JSON text of ``v`` (numpy values converted, NaN as null)."""
     try:  # plain Python values without NaN, the common case: no walk over the value
@@ -547,7 +552,7 @@ def _prediction_params(r: dict[str, Any]) -> dict[str, Any]:
             out[c] = None
             continue
         if c in JSON_COLUMNS:
-            v = None if v is None else dumps(v)
+            v = v if isinstance(v, RawJSON) else dumps(v)
         elif c == "reasons" and v is not None and not isinstance(v, str):
             v = ";".join(str(x) for x in _iter(v))
         elif c in ("ts", "latency_ms") and v is not None:
