@@ -16,7 +16,7 @@ import time
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,11 +177,11 @@ class GuardedModel:
         """The guarded prediction as a generator: it yields once to have the primary called (by
         the sync or the async driver) and returns the result."""
         t0 = time.perf_counter()
-        with _tracer.start_as_current_span("guarded_serving.predict") as span:
+        with _child_span("guarded_serving.predict") as span:
             span.set_attribute("guarded_serving.model.name", self.name)
             if request_id:
                 span.set_attribute("guarded_serving.request.id", request_id)
-            with _tracer.start_as_current_span("guarded_serving.validate") as vspan:
+            with _child_span("guarded_serving.validate") as vspan:
                 verdicts = check_batch(data, self.profile, self.policy)
                 n = verdicts.n_rows
                 vspan.set_attribute("guarded_serving.rows", n)
@@ -225,7 +225,7 @@ class GuardedModel:
             fb_idx = np.flatnonzero(routes != REJECTED) if self.shadow_fallback else need
             fallback_pred = None
             if fb_idx.size:
-                with _tracer.start_as_current_span("guarded_serving.fallback") as fspan:
+                with _child_span("guarded_serving.fallback") as fspan:
                     fspan.set_attribute("guarded_serving.model.name", self.fallback.name)
                     fspan.set_attribute("guarded_serving.model.version", str(self.fallback.version))
                     fspan.set_attribute("guarded_serving.rows", int(need.size))
@@ -309,7 +309,7 @@ class GuardedModel:
 
     @contextmanager
     def _primary_span(self, idx: np.ndarray) -> Iterator[Any]:
-        with _tracer.start_as_current_span("guarded_serving.primary") as pspan:
+        with _child_span("guarded_serving.primary") as pspan:
             pspan.set_attribute("guarded_serving.model.name", self.primary.name)
             pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
             pspan.set_attribute("guarded_serving.rows", int(idx.size))
@@ -341,7 +341,7 @@ class GuardedModel:
     def _shadow_primary(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
         """The primary's answers for flagged rows, for the record only; failures are expected
         (the rows are out of range) and swallowed."""
-        with _tracer.start_as_current_span("guarded_serving.primary.shadow") as span:
+        with _child_span("guarded_serving.primary.shadow") as span:
             span.set_attribute("guarded_serving.model.name", self.primary.name)
             span.set_attribute("guarded_serving.rows", int(idx.size))
             try:
@@ -418,6 +418,15 @@ class GuardedModel:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _child_span(name: str) -> AbstractContextManager[Any]:
+    """A child span of the current one; in a trace that was sampled out, the (non-recording)
+    parent itself, since its children would not be recorded either: no sampler call per stage."""
+    parent = trace.get_current_span()
+    if not parent.is_recording() and parent.get_span_context().is_valid:
+        return nullcontext(parent)
+    return _tracer.start_as_current_span(name)
 
 
 def _predict(model: Model, verdicts: Verdicts, idx: np.ndarray) -> Prediction:

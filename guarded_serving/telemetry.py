@@ -94,6 +94,7 @@ class ServiceMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.model = model
+        self._children: dict[tuple[int, str], Any] = {}
         self.stage = Histogram("guarded_serving_stage_duration_seconds",
                                "Time spent per stage of a guarded prediction.",
                                ["model", "stage"], buckets=STAGE_BUCKETS)
@@ -127,10 +128,10 @@ class ServiceMetrics:
         """Record one guarded prediction (a ``GuardedResult``)."""
         m = self.model
         for stage, ms in result.timing_ms.items():
-            self.stage.labels(m, stage).observe(ms / 1e3)
+            self._child(self.stage, stage).observe(ms / 1e3)
         for route, n in result.route_counts().items():
             if n:
-                self.rows.labels(m, route).inc(n)
+                self._child(self.rows, route).inc(n)
         for reason, n in result.reason_counts.items():
             kind, _, feature = reason.partition(":")
             self.flags.labels(m, kind, feature).inc(n)
@@ -140,7 +141,15 @@ class ServiceMetrics:
             self.primary_errors.labels(m).inc()
 
     def request(self, status: int) -> None:
-        self.requests.labels(self.model, str(status)).inc()
+        self._child(self.requests, str(status)).inc()
+
+    def _child(self, metric: Any, label: str) -> Any:
+        # labels() costs a lock and a tuple per call; these few children are asked for on every request.
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.model, label)
+        return child
 
     def dropped(self, n: int) -> None:
         self.log_dropped.labels(self.model).inc(n)

@@ -4,6 +4,7 @@ from another directory."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -24,6 +25,57 @@ def test_bentofile_pins_match_pyproject() -> None:
     bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     # bentoml itself comes with the bento's own runtime
     assert sorted(bento["python"]["packages"]) == sorted(d for d in deps if not d.startswith("bentoml"))
+
+
+MODEL_STORE_SCRIPT = """
+import shutil, sys
+import bentoml
+with bentoml.models.create("diamonds-gbr", labels={"from": "test"}) as m:
+    shutil.copy(sys.argv[1], m.path)
+print(m.tag)
+"""
+
+LOAD_SCRIPT = """
+import sys
+from guarded_serving.config import load_config
+from guarded_serving.guard import GuardedModel
+gm = GuardedModel.from_config(load_config(sys.argv[1]))
+print(gm.primary.name, gm.primary.version)
+"""
+
+
+@pytest.mark.e2e
+def test_a_model_from_the_bentoml_model_store_is_served_and_packed(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDED_SERVING_")}
+    env.update(BENTOML_HOME=str(tmp_path / "home"), BENTOML_DO_NOT_TRACK="true")
+
+    def run(*args: str, cwd: Path = tmp_path) -> str:
+        out = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    tag = run("-c", MODEL_STORE_SCRIPT, str(_data.EXAMPLE / "primary.onnx")).strip().splitlines()[-1]
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("fallback.onnx", "profile.json"):
+        shutil.copy(_data.EXAMPLE / name, project / name)
+    cfg = yaml.safe_load((_data.EXAMPLE / "serving.yaml").read_text())
+    cfg["primary"] = {"bentoml_tag": "diamonds-gbr:latest"}
+    (project / "serving.yaml").write_text(yaml.safe_dump(cfg))
+    name, version = run("-c", LOAD_SCRIPT, str(project / "serving.yaml")).split()
+    assert f"{name}:{version}" == tag  # loaded from the store, named by its tag
+    (project / "bentofile.yaml").write_text(yaml.safe_dump({
+        "service": "guarded_serving.service:GuardedService",
+        "name": "store-guarded",
+        "include": ["serving.yaml", "profile.json", "fallback.onnx"],
+        "envs": [{"name": "GUARDED_SERVING_CONFIG", "value": "serving.yaml"}],
+        "python": {"packages": ["onnxruntime"], "lock_packages": False},
+    }))
+    env["GUARDED_SERVING_CONFIG"] = str(project / "serving.yaml")
+    bento_tag = run("-m", "bentoml", "build", "-o", "tag", cwd=project).strip().splitlines()[-1].removeprefix("__tag__:")
+    bento = tmp_path / "home" / "bentos" / "store-guarded" / bento_tag.split(":")[1]
+    packed = list((bento / "models" / "diamonds-gbr").rglob("*.onnx"))
+    assert packed, "bentoml build should pack the model named by bentoml_tag"
 
 
 @pytest.mark.e2e
