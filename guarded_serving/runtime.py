@@ -75,9 +75,6 @@ class ServingRuntime:
         self._store_lock = threading.Lock()
         self._drift_lock = threading.Lock()
         self._drift: DriftState | None = DriftState.empty(self.profile) if config.drift.enabled else None
-        self._last_view: dict[str, Any] | None = None
-        self._last_statuses: dict[str, str] | None = None
-        self._last_retrain = False
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         self._flusher_pid: int | None = None
@@ -296,27 +293,26 @@ class ServingRuntime:
         if current.get("prediction"):
             statuses["prediction"] = current["prediction"]["status"]
         store = self.store()
-        if self._last_statuses is None:
-            last = store.events(kind="drift_status", limit=1)
-            self._last_statuses = last[0]["body"].get("statuses") if last else {}
-            self._last_retrain = bool(last[0]["body"].get("retrain_recommended")) if last else False
-        changes = [{"feature": k, "from": self._last_statuses[k], "to": v} for k, v in statuses.items()
-                   if k in self._last_statuses and self._last_statuses[k] != v]
+        # The statuses last recorded by any process: each change is recorded, and alerted, once.
+        last = store.last_event("drift_status")
+        prev: dict[str, str] = last["body"].get("statuses", {}) if last else {}
+        prev_retrain = bool(last["body"].get("retrain_recommended")) if last else False
+        changes = [{"feature": k, "from": prev[k], "to": v} for k, v in statuses.items()
+                   if k in prev and prev[k] != v]
         retrain = bool(view.get("retrain_recommended"))
-        if changes or retrain != self._last_retrain or not self._last_statuses:
+        if last is None or changes or retrain != prev_retrain:
             body = {"statuses": statuses, "changes": changes, "retrain_recommended": retrain,
                     "window": current.get("window"), "model": self.config.name}
-            store.add_event("drift_status", body)
-            for c in changes:
-                log.warning("drift: feature %s changed from %s to %s (model %s)",
-                            c["feature"], c["from"], c["to"], self.config.name)
-            if changes or retrain != self._last_retrain:
+            recorded = store.add_event_after("drift_status", last["id"] if last else 0, body)
+            if recorded is not None and (changes or retrain != prev_retrain):
+                for c in changes:
+                    log.warning("drift: feature %s changed from %s to %s (model %s)",
+                                c["feature"], c["from"], c["to"], self.config.name)
                 _span_event(changes, retrain, self.config.name)
-                alert = [c for c in changes if c["to"] == "drift"] or (retrain and not self._last_retrain)
-                if alert and self.config.drift.webhook_url:
-                    self._send_webhook(body)
-        self._last_statuses = statuses
-        self._last_retrain = retrain
+                if self.config.drift.webhook_url and (
+                        any(c["to"] == "drift" for c in changes) or (retrain and not prev_retrain)):
+                    # Off the caller's thread: GET /drift must not wait for a slow receiver.
+                    threading.Thread(target=self._send_webhook, args=(body,), daemon=True).start()
         # Closed windows need one segment each, not one per flush.
         d = self.config.drift
         windows = [w for w in assemble_windows(segments, self.profile, d.window_rows, d.window_seconds, now=now)

@@ -372,3 +372,15 @@ def test_integer_boolean_features_and_class_predictions() -> None:
     assert out["prediction"]["status"] == "drift"
     assert {f["name"]: f["status"] for f in out["features"]} == {
         "n": "insufficient_data", "b": "drift"}
+
+
+def test_rows_flushed_after_their_window_was_compacted_join_the_next_window(profile: Profile) -> None:
+    df = holdout()
+    window = compact(assemble_windows(
+        [Segment("w1", 1.0, 10.0, 300, state_of(profile, df.iloc[:300], now=10.0).to_dict(), id=1)],
+        profile, window_rows=300))
+    late = Segment("w2", 2.0, 9.0, 50, state_of(profile, df.iloc[300:350], now=9.0).to_dict(), id=2)
+    fresh = Segment("w1", 11.0, 11.0, 200, state_of(profile, df.iloc[350:550], now=11.0).to_dict(), id=3)
+    wins = assemble_windows([*window, late, fresh], profile, window_rows=300)
+    assert [(w.rows, w.closed) for w in wins] == [(300, True), (250, False)]
+    assert sum(w.state.rows for w in wins) == 550

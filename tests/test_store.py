@@ -382,3 +382,15 @@ def test_logwriter_survives_a_factory_that_raises() -> None:
     assert w.flush(timeout=5)
     assert w.dropped == 2 and len(errors) == 2
     w.close()
+
+
+def test_a_chain_of_events_is_extended_once(store: Store) -> None:
+    assert store.last_event("drift_status") is None
+    first = store.add_event_after("drift_status", 0, {"statuses": {"carat": "ok"}})
+    assert first is not None
+    assert store.add_event_after("drift_status", 0, {"statuses": {"carat": "ok"}}) is None
+    second = store.add_event_after("drift_status", first, {"statuses": {"carat": "drift"}})
+    # Another process saw the same change from the same event: it loses, and knows it.
+    assert second is not None and store.add_event_after("drift_status", first, {"x": 1}) is None
+    last = store.last_event("drift_status")
+    assert last is not None and last["id"] == second and last["body"] == {"statuses": {"carat": "drift"}}

@@ -83,7 +83,8 @@ def assemble_windows(
     window, and a late segment of an earlier period joins the window being filled. With both, a
     window closes at whichever comes first. The last window is open unless it closed by rows, or
     ``now`` is given and lies past the end of its period. With neither, everything forms one open
-    window. A segment written by ``compact`` is a closed window on its own. Segments of another
+    window. A segment written by ``compact`` is a closed window on its own; segments that sort before
+it but were not part of it (flushed late) join the next window. Segments of another
     profile (the model changed) are skipped.
     """
     if window_rows is not None and window_rows < 1:
@@ -118,10 +119,16 @@ def assemble_windows(
 
     for seg in kept:
         if seg.worker == COMPACTED:  # a closed window already
-            if current:
-                close(True)
+            # Rows flushed late (a worker's segment that ends before a window another process
+            # already compacted) join the window being filled after it, not a tiny window of their own.
+            late = list(current)
+            current.clear()
             current.append(seg)
             close(True)
+            current.extend(late)
+            filled = sum(s.rows for s in late)
+            if window_rows is not None and late and filled >= window_rows:
+                close(True)
             continue
         if window_seconds is not None:
             p = math.floor(seg.first_ts / window_seconds)

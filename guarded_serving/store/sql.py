@@ -159,7 +159,11 @@ class Store:
             sa.Column("ts", double, nullable=False),
             sa.Column("kind", text, nullable=False),
             sa.Column("body", text),
+            # For events that form a chain (drift status): the id of the event this one follows.
+            # Unique per kind, so of several processes that see the same change only one records it.
+            sa.Column("follows", sa.Integer),
             sa.Index(f"{p}events_kind_ts", "kind", "ts"),
+            sa.UniqueConstraint("kind", "follows", name=f"{p}events_kind_follows"),
             sqlite_autoincrement=True,
         )
 
@@ -439,6 +443,25 @@ class Store:
             res = conn.execute(t.insert().values(
                 ts=time.time() if ts is None else float(ts), kind=str(kind), body=dumps(body)))
             return _new_id(res)
+
+    def add_event_after(self, kind: str, follows: int, body: Any, ts: float | None = None) -> int | None:
+        """Record an event that follows event ``follows`` (0 for the first) of its kind; None when
+        another process recorded one after it first, so a change is recorded (and alerted) once."""
+        t = self.t_events
+        stmt = self._insert(t).values(ts=time.time() if ts is None else float(ts), kind=str(kind),
+                                      body=dumps(body), follows=int(follows))
+        with self._write("adding an event") as conn:
+            res = conn.execute(stmt.returning(t.c.id))
+            row = res.first()
+            return None if row is None else int(row[0])
+
+    def last_event(self, kind: str) -> dict[str, Any] | None:
+        """The most recently recorded event of ``kind`` (by id, not by a host's clock)."""
+        t = self.t_events
+        q = sa.select(t).where(t.c.kind == kind).order_by(t.c.id.desc()).limit(1)
+        with self._read("reading events") as conn:
+            row = conn.execute(q).mappings().first()
+        return None if row is None else {**row, "body": _loads(row["body"])}
 
     def events(self, kind: str | None = None, since: float | None = None,
                limit: int = 100) -> list[dict[str, Any]]:
