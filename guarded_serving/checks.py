@@ -171,19 +171,21 @@ def check_batch(
                     )
                 )
         if policy.check_nulls and not fp.nullable:
-            flag(f"{NULL_UNSEEN}:{fp.name}", null & ~_or_false(bad, n))
+            flag(f"{NULL_UNSEEN}:{fp.name}", null if bad is None else null & ~bad)
         if fp.is_numeric:
             if fp.count == 0:
                 continue
             lo, hi = float(fp.min or 0.0), float(fp.max or 0.0)
             margin = policy.range_margin * (hi - lo)
             with np.errstate(invalid="ignore"):
-                oor = (values < lo - margin) | (values > hi + margin)
+                oor = values < lo - margin
+                oor |= values > hi + margin
             flag(f"{OUT_OF_RANGE}:{fp.name}", oor)
         elif policy.check_categories:
-            unseen = ~null & ~_isin(values, fp)
+            known = _isin(values, fp) | null
             if bad is not None:
-                unseen &= ~bad
+                known |= bad
+            unseen = ~known
             flag(f"{UNSEEN_CATEGORY}:{fp.name}", unseen)
 
     scores = None
@@ -228,10 +230,6 @@ _EXPECTED = {
 
 def _empty(fp: FeatureProfile, n: int) -> np.ndarray:
     return np.full(n, np.nan) if fp.is_numeric else np.full(n, None, dtype=object)
-
-
-def _or_false(mask: np.ndarray | None, n: int) -> np.ndarray:
-    return np.zeros(n, dtype=bool) if mask is None else mask
 
 
 def _show(v: Any) -> Any:
