@@ -24,7 +24,15 @@ import pandas as pd
 from .config import ServingConfig
 from .drift.state import DriftState
 from .drift.stats import DriftThresholds
-from .drift.windows import Segment, assemble_windows, compact, drift_view
+from .drift.windows import (
+    KEEP_WINDOWS,
+    MAX_LISTED_WINDOWS,
+    Segment,
+    archive,
+    assemble_windows,
+    compact,
+    drift_view,
+)
 from .errors import (
     GuardedServingError,
     NotFoundError,
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: How often recorded predictions are turned into drift counts, shadow predictions and log rows.
 MONITOR_INTERVAL_S = 0.05
+#: Archive only once this many windows beyond KEEP_WINDOWS have closed, not on every evaluation.
+ARCHIVE_SLACK = 20
 #: How long /feedback waits for other workers' log writers before calling a request id unknown.
 FEEDBACK_WAIT_S = 2.0
 
@@ -272,8 +282,7 @@ class ServingRuntime:
             raise NotFoundError("drift monitoring is disabled in this serving config (drift.enabled)")
         self.flush_drift()
         store = self.store()
-        segments = [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
-                    for s in store.segments()]
+        segments = _segments(store)
         d = self.config.drift
         now = time.time()  # closes a time window whose period has passed, even with no traffic
         view = drift_view(segments, self.profile, d.window_rows, d.window_seconds,
@@ -325,6 +334,23 @@ class ServingRuntime:
                                         "rows": seg.rows, "state": seg.state})
             except StoreError as e:  # another process may be compacting too
                 log.debug("compaction skipped: %s", e)
+        closed = sum(1 for w in view.get("windows") or [] if w["closed"])
+        if closed >= MAX_LISTED_WINDOWS:  # maybe more than KEEP_WINDOWS closed: check
+            self._archive(now)
+
+    def _archive(self, now: float) -> None:
+        """Fold windows older than the newest KEEP_WINDOWS into one segment (bounded reads)."""
+        store = self.store()
+        segments = _segments(store)
+        d = self.config.drift
+        windows = assemble_windows(segments, self.profile, d.window_rows, d.window_seconds, now=now)
+        if sum(1 for w in windows if w.closed) <= KEEP_WINDOWS + ARCHIVE_SLACK:
+            return
+        folded = archive(segments, windows, KEEP_WINDOWS)
+        if folded is not None:
+            seg, ids = folded
+            store.replace_segments(ids, {"worker": seg.worker, "first_ts": seg.first_ts, "last_ts": seg.last_ts,
+                                         "rows": seg.rows, "state": seg.state})
 
     def _send_webhook(self, body: dict[str, Any]) -> None:
         import httpx  # adapter-only dependency
@@ -468,6 +494,11 @@ def parse_feedback(body: Any) -> tuple[list[tuple[str, int, Any]], bool]:
     else:
         raise PayloadError('the body must have "request_id" and "outcomes", or "items"')
     return items, overwrite
+
+
+def _segments(store: Store) -> list[Segment]:
+    return [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
+            for s in store.segments()]
 
 
 def _concat(parts: list[Any]) -> np.ndarray:

@@ -9,6 +9,7 @@ from guarded_serving.drift import (
     DriftState,
     DriftThresholds,
     Segment,
+    archive,
     assemble_windows,
     compact,
     drift_view,
@@ -384,3 +385,22 @@ def test_rows_flushed_after_their_window_was_compacted_join_the_next_window(prof
     wins = assemble_windows([*window, late, fresh], profile, window_rows=300)
     assert [(w.rows, w.closed) for w in wins] == [(300, True), (250, False)]
     assert sum(w.state.rows for w in wins) == 550
+
+
+def test_old_windows_are_archived_into_the_cumulative_view(profile: Profile) -> None:
+    df = holdout()
+    segs = [Segment("w", float(i), float(i), 20, state_of(profile, df.iloc[i * 20:(i + 1) * 20], now=float(i)).to_dict(),
+                    id=i + 1) for i in range(130)]
+    windows = assemble_windows(segs, profile, window_rows=20)
+    before = drift_view(segs, profile, window_rows=20)
+    seg, ids = archive(segs, windows, keep=100)
+    assert seg.worker == "archived" and seg.rows == 30 * 20 and sorted(ids) == list(range(1, 31))
+    after_segs = [seg, *[s for s in segs if s.id not in ids]]
+    after = drift_view(after_segs, profile, window_rows=20)
+    assert after["cumulative"]["rows"] == before["cumulative"]["rows"] == 130 * 20
+    assert after["cumulative"]["features"][0]["psi"] == pytest.approx(before["cumulative"]["features"][0]["psi"])
+    assert len(assemble_windows(after_segs, profile, window_rows=20)) == 100
+    # Archiving again folds the previous archive in: still one archived segment.
+    more = [*after_segs, *[Segment("w", 200.0 + i, 200.0 + i, 20, segs[i].state, id=500 + i) for i in range(30)]]
+    seg2, ids2 = archive(more, assemble_windows(more, profile, window_rows=20), keep=100)
+    assert seg2.rows == 60 * 20 and None not in ids2

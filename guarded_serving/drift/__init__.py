@@ -12,9 +12,10 @@ windows cut at read time from the segments workers flush (``windows``).
 
 from .state import DriftState, FeatureCounts
 from .stats import DriftThresholds, evaluate
-from .windows import Segment, Window, assemble_windows, compact, drift_view, status_changes
+from .windows import Segment, Window, archive, assemble_windows, compact, drift_view, status_changes
 
 __all__ = [
+    "archive",
     "DriftState",
     "DriftThresholds",
     "FeatureCounts",

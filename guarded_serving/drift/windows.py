@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 #: At most this many windows are listed by ``drift_view`` (the newest).
 MAX_LISTED_WINDOWS = 50
 COMPACTED = "compacted"
+#: A segment holding the rows of windows too old to list: counted in the cumulative view only.
+ARCHIVED = "archived"
+#: Closed windows kept as windows; older ones are archived (see ``archive``).
+KEEP_WINDOWS = 100
 
 
 @dataclass
@@ -92,7 +96,7 @@ it but were not part of it (flushed late) join the next window. Segments of anot
     if window_seconds is not None and not window_seconds > 0:
         raise ValueError(f"window_seconds must be > 0, got {window_seconds!r}")
     profile_hash = profile.content_hash
-    ordered = sorted((s for s in segments if s.rows > 0), key=_order)
+    ordered = sorted((s for s in segments if s.rows > 0 and s.worker != ARCHIVED), key=_order)
     kept = [s for s in ordered if s.state.get("profile_hash") == profile_hash]
     if len(kept) < len(ordered):
         logger.warning("skipped %d drift segment(s) of another profile", len(ordered) - len(kept))
@@ -168,8 +172,11 @@ def drift_view(
     th = thresholds or DriftThresholds()
     if consecutive_windows_for_retrain < 1:
         raise ValueError("consecutive_windows_for_retrain must be >= 1")
+    segments = list(segments)
     windows = assemble_windows(segments, profile, window_rows, window_seconds, now)
-    if not windows:
+    archived = [DriftState.from_dict(s.state) for s in segments
+                if s.worker == ARCHIVED and s.state.get("profile_hash") == profile.content_hash]
+    if not windows and not archived:
         empty = DriftState.empty(profile)
         return {
             "current": evaluate(empty, profile, th),
@@ -186,6 +193,15 @@ def drift_view(
             evaluated[w.index] = evaluate(w.state, profile, th)
         return evaluated[w.index]
 
+    if not windows:  # everything archived, nothing since
+        return {
+            "current": evaluate(DriftState.empty(profile), profile, th),
+            "current_window": None,
+            "cumulative": evaluate(_merged(archived, profile), profile, th),
+            "windows": [],
+            "retrain_recommended": False,
+            "consecutive_drift_windows": 0,
+        }
     closed = [w for w in windows if w.closed]
     current = windows[-1]
     if not current.closed and current.rows < th.min_rows and closed:
@@ -196,9 +212,9 @@ def drift_view(
             break
         streak += 1
 
-    cumulative = windows[0].state
-    for w in windows[1:]:
-        cumulative = cumulative.merge(w.state)
+    cumulative = DriftState.empty(profile)
+    for part in [*archived, *(w.state for w in windows)]:
+        cumulative = cumulative.merge(part)
     listed = []
     for w in windows[-MAX_LISTED_WINDOWS:]:
         r = result(w)
@@ -257,3 +273,33 @@ def compact(windows: Sequence[Window]) -> list[Segment]:
         for w in windows
         if w.closed
     ]
+
+
+def _merged(states: Sequence[DriftState], profile: Profile) -> DriftState:
+    out = DriftState.empty(profile)
+    for st in states:
+        out = out.merge(st)
+    return out
+
+
+def archive(segments: Sequence[Segment], windows: Sequence[Window],
+            keep: int = KEEP_WINDOWS) -> tuple[Segment, list[int]] | None:
+    """Fold the closed windows beyond the newest ``keep`` (and any earlier archive) into one
+    ``ARCHIVED`` segment, so that reading drift costs the same after a month as after an hour.
+    Returns the new segment and the ids it replaces, or None when there is nothing to fold.
+    """
+    closed = [w for w in windows if w.closed]
+    old = closed[:-keep] if keep > 0 else closed
+    if not old:
+        return None
+    previous = [s for s in segments if s.worker == ARCHIVED]
+    parts = [DriftState.from_dict(s.state) for s in previous] + [w.state for w in old]
+    state = parts[0]
+    for st in parts[1:]:
+        state = state.merge(st)
+    ids = [i for s in previous for i in [s.id] if i is not None]
+    ids += [i for w in old for i in w.segment_ids if i is not None]
+    starts = [s.first_ts for s in previous] + [w.start for w in old if w.start is not None]
+    ends = [s.last_ts for s in previous] + [w.end for w in old if w.end is not None]
+    seg = Segment(ARCHIVED, min(starts), max(ends), state.rows, state.to_dict())
+    return seg, ids
