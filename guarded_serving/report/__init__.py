@@ -36,7 +36,9 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
         now = time.time()
         view = drift_view(segments, profile, d.window_rows, d.window_seconds,
                           d.consecutive_windows_for_retrain, thresholds, now=now)
-        log = store.joined()
+        # Only the stretch of the log the listed windows cover, and without the features.
+        starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
+        log = store.joined(since=min(starts) if starts else None, features=False)
         outcomes = store.outcome_rows()
     finally:
         store.close()

@@ -395,12 +395,12 @@ class Store:
             return counts
 
     def joined(self, since: float | None = None, with_outcomes_only: bool = False,
-               limit: int | None = None) -> pd.DataFrame:
+               limit: int | None = None, features: bool = True) -> pd.DataFrame:
         """Prediction rows with their outcomes (null when none), ordered by ts, request_id, row.
 
         ``limit`` keeps the most recent rows. JSON columns come back as Python objects.
         """
-        return self._joined(since, with_outcomes_only, limit, features=True)
+        return self._joined(since, with_outcomes_only, limit, features=features)
 
     def outcome_rows(self, since: float | None = None, limit: int | None = None) -> pd.DataFrame:
         """Like ``joined(with_outcomes_only=True)`` without the features column."""
