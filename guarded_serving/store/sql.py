@@ -172,10 +172,13 @@ class Store:
         # and the next checkfirst pass finds the tables.
         for attempt in range(5):
             try:
-                self.metadata.create_all(self.engine, checkfirst=True)
+                # BEGIN IMMEDIATE on SQLite: a deferred transaction that read the schema and then
+                # wants to write fails at once with "database is locked" instead of waiting its turn.
+                with self.engine.connect().execution_options(gs_begin_immediate=True) as conn, conn.begin():
+                    self.metadata.create_all(conn, checkfirst=True)
                 return
             except SQLAlchemyError as e:
-                if attempt < 4 and _is_duplicate_object(e):
+                if attempt < 4 and (_is_duplicate_object(e) or "database is locked" in str(e)):
                     time.sleep(0.05 * (attempt + 1))
                     continue
                 raise StoreError(f"cannot create the tables of store {self._url_display}: "
