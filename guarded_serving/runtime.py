@@ -44,13 +44,14 @@ from .errors import (
 from .guard import GuardedModel, GuardedResult
 from .performance import live_performance, metric_gauges
 from .store.logwriter import LogWriter
-from .store.sql import RawJSON, Store
+from .store.sql import Store, dumps
 from .telemetry import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-#: How often recorded predictions are turned into drift counts, shadow predictions and log rows.
-MONITOR_INTERVAL_S = 0.05
+#: How often recorded predictions are turned into drift counts, shadow predictions and log rows
+#: (sooner once ``prediction_log.batch_size`` rows wait): larger batches cost less per row.
+MONITOR_INTERVAL_S = 0.5
 #: Archive only once this many windows beyond KEEP_WINDOWS have closed, not on every evaluation.
 ARCHIVE_SLACK = 20
 #: How long /feedback waits for other workers' log writers before calling a request id unknown.
@@ -98,6 +99,8 @@ class ServingRuntime:
         self._pending_rows = 0
         self._pending_limit = max(pl.queue_size, config.max_rows)
         self._pending_lock = threading.Lock()
+        self._drain_rows = pl.batch_size
+        self._wake = threading.Event()
         self._drain_lock = threading.Lock()
         self._monitor_pid: int | None = None
 
@@ -111,9 +114,9 @@ class ServingRuntime:
                 self._store = Store(self.config.store.url, prefix=self.config.store.table_prefix)
             return self._store
 
-    def _on_drop(self, n: int) -> None:
+    def _on_drop(self, n: int, stage: str = "log") -> None:
         if self.metrics is not None:
-            self.metrics.dropped(n)
+            self.metrics.dropped(n, stage)
 
     # -- prediction --------------------------------------------------------------------------
 
@@ -156,8 +159,10 @@ class ServingRuntime:
                 self._pending.append((request_id, time.time(), result))
                 self._pending_rows += n
         if dropped:  # overload: count it, never make the request wait
-            self._on_drop(n)
+            self._on_drop(n, "monitoring")
             return
+        if self._pending_rows >= self._drain_rows:
+            self._wake.set()
         self._ensure_background()
 
     def drain(self) -> None:
@@ -174,7 +179,8 @@ class ServingRuntime:
                     log.exception("could not record %d prediction(s) for monitoring", len(items))
 
     def _process(self, items: list[tuple[str, float, GuardedResult]]) -> None:
-        results = [r for _, _, r in items if r.verdicts is not None]
+        items = [it for it in items if it[2].verdicts is not None]
+        results = [r for _, _, r in items]
         if not results:
             return
         names = list(results[0].verdicts.columns)  # type: ignore[union-attr]
@@ -192,10 +198,8 @@ class ServingRuntime:
             end = start + r.n_rows
             r.primary_predictions, r.fallback_predictions = primary[start:end], fallback[start:end]
             start = end
-        features_json: list[str] | None = None
-        if self.writer is not None and self.config.prediction_log.log_features:
-            # pandas' C JSON writer, once for the whole drain (NaN becomes null).
-            features_json = pd.DataFrame(cols, copy=False).to_json(orient="records", lines=True, double_precision=15).splitlines()
+        if self.writer is not None:
+            self._log(items, cols)
         if self._drift is not None:
             keep = routes != "rejected"
             if not keep.all():
@@ -203,14 +207,33 @@ class ServingRuntime:
                 primary = primary[keep]
             with self._drift_lock:
                 self._drift.update(cols, primary)
-        if self.writer is not None:
-            rows: list[dict[str, Any]] = []
-            start = 0
-            for rid, ts, r in items:
-                feats = None if features_json is None else features_json[start:start + r.n_rows]
-                rows.extend(self._log_rows(rid, r, ts, feats))
-                start += r.n_rows
-            self.writer.submit(rows)
+
+    def _log(self, items: list[tuple[str, float, GuardedResult]], cols: dict[str, Any]) -> None:
+        """Hand the log rows of ``items`` to the writer, as many as its queue has room for: under
+        overload the rest are counted as dropped without the cost of building them."""
+        assert self.writer is not None
+        room = self.writer.queue_size - self.writer.pending
+        kept = 0  # rows of the leading items that fit
+        for i, (_, _, r) in enumerate(items):
+            if kept + r.n_rows > room:
+                self._on_drop(sum(x.n_rows for _, _, x in items[i:]))
+                items = items[:i]
+                break
+            kept += r.n_rows
+        if not items:
+            return
+        features_json: list[str] | None = None
+        if self.config.prediction_log.log_features:
+            # pandas' C JSON writer, once for the whole drain (NaN becomes null).
+            frame = pd.DataFrame({k: v[:kept] for k, v in cols.items()}, copy=False)
+            features_json = frame.to_json(orient="records", lines=True, double_precision=15).splitlines()
+        rows: list[Any] = []
+        start = 0
+        for rid, ts, r in items:
+            feats = None if features_json is None else features_json[start:start + r.n_rows]
+            rows.extend(self._log_rows(rid, r, ts, feats))
+            start += r.n_rows
+        self.writer.submit(rows)
 
     def _shadow(self, model: Any, cols: dict[str, Any], mask: np.ndarray, out: np.ndarray) -> None:
         idx = np.flatnonzero(mask)
@@ -224,33 +247,25 @@ class ServingRuntime:
             log.debug("shadow %s call on %d row(s) failed: %s", getattr(model, "name", "model"), idx.size, e)
 
     def _log_rows(self, request_id: str, result: GuardedResult, now: float,
-                  features: list[str] | None) -> list[dict[str, Any]]:
-        """One log row per served row; ``features`` are the rows' features as JSON text."""
+                  features: list[str] | None) -> list[tuple[Any, ...]]:
+        """One log row per served row, as the store's ready-made tuples (``PREDICTION_COLUMNS``
+        order, JSON columns encoded): the writer thread then only binds and inserts."""
         g = self.guard
-        served = _plain(result.predictions)
-        prim = _plain(result.primary_predictions)
-        fb = _plain(result.fallback_predictions)
-        probs = None if result.probabilities is None else np.round(result.probabilities, 6).tolist()
-        classes = [_py(c) for c in result.classes or []]
-        common = {
-            "request_id": request_id, "ts": now, "model": self.config.name,
-            "primary_model": g.primary.name, "primary_version": str(g.primary.version or ""),
-            "fallback_model": g.fallback.name, "fallback_version": str(g.fallback.version or ""),
-            "latency_ms": result.timing_ms.get("total"),
-        }
+        served = _json_values(result.predictions)
+        prim = _json_values(result.primary_predictions)
+        fb = _json_values(result.fallback_predictions)
+        probs = None
+        if result.probabilities is not None:
+            classes = [_py(c) for c in result.classes or []]
+            probs = [dumps({"classes": classes, "served": p}) for p in np.round(result.probabilities, 6).tolist()]
+        head = (request_id,)
+        model = (now, self.config.name, g.primary.name, str(g.primary.version or ""),
+                 g.fallback.name, str(g.fallback.version or ""))
+        latency = result.timing_ms.get("total")
         routes = result.routes.tolist()
         return [
-            {
-                **common,
-                "row": i,
-                "route": routes[i],
-                "reasons": ";".join(result.reasons[i]),
-                "prediction": served[i],
-                "primary_prediction": prim[i],
-                "fallback_prediction": fb[i],
-                "probabilities": None if probs is None else {"classes": classes, "served": probs[i]},
-                "features": None if features is None else RawJSON(features[i]),
-            }
+            (*head, i, *model, routes[i], ";".join(result.reasons[i]), served[i], prim[i], fb[i],
+             None if probs is None else probs[i], latency, None if features is None else features[i])
             for i in range(result.n_rows)
         ]
 
@@ -424,7 +439,9 @@ class ServingRuntime:
             threading.Thread(target=self._monitor_loop, name="guarded-monitor", daemon=True).start()
 
     def _monitor_loop(self) -> None:
-        while not self._stop.wait(MONITOR_INTERVAL_S):
+        while not self._stop.is_set():
+            self._wake.wait(MONITOR_INTERVAL_S)
+            self._wake.clear()
             self.drain()
 
     def _flush_loop(self) -> None:
@@ -450,6 +467,7 @@ class ServingRuntime:
     def close(self) -> None:
         """Flush what is pending (drift counts, prediction log) and stop background work."""
         self._stop.set()
+        self._wake.set()
         self.drain()
         if self.writer is not None:
             self.writer.close(timeout=5.0)
@@ -499,6 +517,15 @@ def parse_feedback(body: Any) -> tuple[list[tuple[str, int, Any]], bool]:
 def _segments(store: Store) -> list[Segment]:
     return [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
             for s in store.segments()]
+
+
+def _json_values(a: np.ndarray | None) -> list[str | None]:
+    """Each value as JSON text (None for a missing one)."""
+    if a is None:
+        return []
+    if a.dtype.kind == "f":
+        return [repr(x) if math.isfinite(x) else None for x in a.tolist()]
+    return [None if x is None else dumps(_py(x)) for x in a.tolist()]
 
 
 def _concat(parts: list[Any]) -> np.ndarray:

@@ -13,7 +13,7 @@ Metric names follow Prometheus conventions (base units, ``_total`` for counters)
     guarded_serving_flags_total{model,reason,feature}          counter (a row flagged for a reason)
     guarded_serving_latency_budget_misses_total{model}         counter
     guarded_serving_primary_errors_total{model}                counter
-    guarded_serving_prediction_log_dropped_rows_total{model}   counter
+    guarded_serving_prediction_log_dropped_rows_total{model,stage}  counter (stage: log | monitoring)
     guarded_serving_drift_status{model,feature}                gauge (0 ok, 1 warn, 2 drift, -1 no verdict)
     guarded_serving_drift_psi{model,feature}                   gauge
     guarded_serving_drift_window_rows{model}                   gauge
@@ -108,8 +108,9 @@ class ServiceMetrics:
         self.primary_errors = Counter("guarded_serving_primary_errors",
                                       "Primary calls that raised.", ["model"])
         self.log_dropped = Counter("guarded_serving_prediction_log_dropped_rows",
-                                   "Prediction-log rows dropped because the writer queue was full "
-                                   "or the store failed.", ["model"])
+                                   "Rows not logged: stage=log when the log writer's queue was full or "
+                                   "the store failed; stage=monitoring when the monitoring queue was "
+                                   "full, so drift counts missed them too.", ["model", "stage"])
         gauge_kw: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
         self.drift_status = Gauge("guarded_serving_drift_status",
                                   "Drift status per feature: 0 ok, 1 warn, 2 drift, -1 no verdict.",
@@ -151,8 +152,8 @@ class ServiceMetrics:
             child = self._children[key] = metric.labels(self.model, label)
         return child
 
-    def dropped(self, n: int) -> None:
-        self.log_dropped.labels(self.model).inc(n)
+    def dropped(self, n: int, stage: str = "log") -> None:
+        self.log_dropped.labels(self.model, stage).inc(n)
 
     def set_drift(self, view: dict[str, Any]) -> None:
         """Publish the drift gauges from a drift view (``drift.windows.drift_view``)."""

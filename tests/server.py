@@ -58,6 +58,9 @@ class Server:
             "GUARDED_SERVING_CONFIG": str(config),
             "GUARDED_SERVING_WORKERS": str(workers),
             "BENTOML_DO_NOT_TRACK": "true",
+            # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a server starts: servers
+            # sharing a home lose each other's metrics. Each test server gets its own.
+            "BENTOML_HOME": str(config.parent / f"bentoml-home-{self.port}"),
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             **(env or {}),
         }

@@ -78,7 +78,7 @@ class LogWriter:
 
     # -- request path ----------------------------------------------------------------------------
 
-    def submit(self, rows: list[dict[str, Any]]) -> bool:
+    def submit(self, rows: list[Any]) -> bool:
         """Queue rows for writing; False (rows dropped and counted) when the buffer is full or
         the writer is closed. Never blocks on the store and never raises."""
         try:

@@ -281,10 +281,13 @@ class Store:
     def log_predictions(self, rows: list[dict[str, Any]]) -> None:
         """Insert prediction rows in one transaction; rows whose (request_id, row) is already
         logged are ignored. JSON columns are given as Python objects; ``reasons`` as a list or
-        a ';'-joined string."""
+        a ';'-joined string. A row may also be a tuple in ``PREDICTION_COLUMNS`` order with the
+        JSON columns already encoded (see ``RawJSON``)."""
         if not rows:
             return
-        params = [tuple(_prediction_params(r).values()) for r in rows]
+        # Tuples come ready (PREDICTION_COLUMNS order, JSON columns as JSON text): the service's
+        # own fast path. Mappings are checked and encoded here.
+        params = [r if isinstance(r, tuple) else tuple(_prediction_params(r).values()) for r in rows]
         with self._write(f"logging {len(params)} prediction row(s)") as conn:
             # Straight to the driver's executemany: SQLAlchemy's per-row work was half the cost.
             conn.exec_driver_sql(self._log_sql, params)
