@@ -432,12 +432,20 @@ def _child_span(name: str) -> AbstractContextManager[Any]:
 def _predict(model: Model, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
     """Run ``model`` on the rows at ``idx``; models that take columns skip the DataFrame."""
     whole = idx.size == verdicts.n_rows  # most batches go to one model whole: no slicing
-    predict_columns = getattr(model, "predict_columns", None)
-    if predict_columns is not None:
+    if getattr(model, "predict_columns", None) is not None:
         cols = verdicts.columns
-        return predict_columns(cols if whole else {k: v[idx] for k, v in cols.items()})  # type: ignore[no-any-return]
+        return predict_on_columns(model, cols if whole else {k: v[idx] for k, v in cols.items()})
     frame = verdicts.features
     return model.predict(frame if whole else frame.iloc[idx])
+
+
+def predict_on_columns(model: Model, columns: dict[str, Any]) -> Prediction:
+    """Run ``model`` on checked columns (as ``Verdicts.columns`` holds them): straight to
+    ``predict_columns`` where the model has it, else through a DataFrame."""
+    predict_columns = getattr(model, "predict_columns", None)
+    if predict_columns is not None:
+        return predict_columns(columns)  # type: ignore[no-any-return]
+    return model.predict(pd.DataFrame(columns))
 
 
 def _check_length(pred: Prediction, n: int, role: str) -> None:

@@ -28,6 +28,7 @@ from .drift.windows import (
     KEEP_WINDOWS,
     MAX_LISTED_WINDOWS,
     Segment,
+    Window,
     archive,
     assemble_windows,
     compact,
@@ -41,7 +42,7 @@ from .errors import (
     SchemaError,
     StoreError,
 )
-from .guard import GuardedModel, GuardedResult
+from .guard import GuardedModel, GuardedResult, predict_on_columns
 from .performance import live_performance, metric_gauges
 from .store.logwriter import LogWriter
 from .store.sql import Store, dumps
@@ -87,11 +88,9 @@ class ServingRuntime:
         self._drift_lock = threading.Lock()
         self._drift: DriftState | None = DriftState.empty(self.profile) if config.drift.enabled else None
         self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
-        self._flusher_pid: int | None = None
+        self._background_pid: int | None = None
         self.writer: LogWriter | None = None
-        if config.prediction_log.enabled:
-            pl = config.prediction_log
+        if pl.enabled:
             self.writer = LogWriter(self.store, queue_size=pl.queue_size, batch_size=pl.batch_size,
                                     on_drop=self._on_drop)
         self._last_purge = 0.0
@@ -102,7 +101,6 @@ class ServingRuntime:
         self._drain_rows = pl.batch_size
         self._wake = threading.Event()
         self._drain_lock = threading.Lock()
-        self._monitor_pid: int | None = None
 
     # -- store -------------------------------------------------------------------------------
 
@@ -142,7 +140,7 @@ class ServingRuntime:
 
     def _count_rejected(self, rows: Any) -> None:
         if self.metrics is not None:
-            self.metrics.rows.labels(self.config.name, "rejected").inc(_n_rows(rows))
+            self.metrics.rejected(_n_rows(rows))
 
     def _record(self, result: GuardedResult, request_id: str) -> None:
         """Metrics now; drift counts, shadow predictions and the log in the background."""
@@ -240,7 +238,7 @@ class ServingRuntime:
         if not idx.size:
             return
         try:
-            pred = _run_model(model, {k: v[idx] for k, v in cols.items()})
+            pred = predict_on_columns(model, {k: v[idx] for k, v in cols.items()})
             if len(pred) == idx.size:
                 out[idx] = pred.labels
         except Exception as e:  # flagged rows may well break the primary; that is the point
@@ -300,14 +298,15 @@ class ServingRuntime:
         segments = _segments(store)
         d = self.config.drift
         now = time.time()  # closes a time window whose period has passed, even with no traffic
+        windows = assemble_windows(segments, self.profile, d.window_rows, d.window_seconds, now=now)
         view = drift_view(segments, self.profile, d.window_rows, d.window_seconds,
-                          d.consecutive_windows_for_retrain, self.thresholds, now=now)
-        self._after_view(view, segments, now)
+                          d.consecutive_windows_for_retrain, self.thresholds, now=now, windows=windows)
+        self._after_view(view, windows, now)
         view["model"] = self.config.name
         view["profile_hash"] = self.profile.content_hash
         return view
 
-    def _after_view(self, view: dict[str, Any], segments: list[Segment], now: float) -> None:
+    def _after_view(self, view: dict[str, Any], windows: list[Window], now: float) -> None:
         """Gauges, change events, alerts and compaction after each evaluation."""
         if self.metrics is not None:
             self.metrics.set_drift(view)
@@ -338,15 +337,11 @@ class ServingRuntime:
                     # Off the caller's thread: GET /drift must not wait for a slow receiver.
                     threading.Thread(target=self._send_webhook, args=(body,), daemon=True).start()
         # Closed windows need one segment each, not one per flush.
-        d = self.config.drift
-        windows = [w for w in assemble_windows(segments, self.profile, d.window_rows, d.window_seconds, now=now)
-                   if w.closed and len(w.segment_ids) > 1]
         for w in windows:
-            seg = compact([w])[0]
+            if not w.closed or len(w.segment_ids) < 2:
+                continue
             try:
-                store.replace_segments([i for i in w.segment_ids if i is not None],
-                                       {"worker": seg.worker, "first_ts": seg.first_ts, "last_ts": seg.last_ts,
-                                        "rows": seg.rows, "state": seg.state})
+                store.replace_segments([i for i in w.segment_ids if i is not None], compact([w])[0].as_row())
             except StoreError as e:  # another process may be compacting too
                 log.debug("compaction skipped: %s", e)
         closed = sum(1 for w in view.get("windows") or [] if w["closed"])
@@ -364,8 +359,7 @@ class ServingRuntime:
         folded = archive(segments, windows, KEEP_WINDOWS)
         if folded is not None:
             seg, ids = folded
-            store.replace_segments(ids, {"worker": seg.worker, "first_ts": seg.first_ts, "last_ts": seg.last_ts,
-                                         "rows": seg.rows, "state": seg.state})
+            store.replace_segments(ids, seg.as_row())
 
     def _send_webhook(self, body: dict[str, Any]) -> None:
         import httpx  # adapter-only dependency
@@ -428,14 +422,13 @@ class ServingRuntime:
 
     def _ensure_background(self) -> None:
         # Started on first use in each worker: a thread started before BentoML forks would not survive.
-        if self._flusher_pid == os.getpid():
+        if self._background_pid == os.getpid():
             return
         with self._store_lock:
-            if self._flusher_pid == os.getpid():
+            if self._background_pid == os.getpid():
                 return
-            self._flusher_pid = os.getpid()
-            self._flusher = threading.Thread(target=self._flush_loop, name="guarded-flush", daemon=True)
-            self._flusher.start()
+            self._background_pid = os.getpid()
+            threading.Thread(target=self._flush_loop, name="guarded-flush", daemon=True).start()
             threading.Thread(target=self._monitor_loop, name="guarded-monitor", daemon=True).start()
 
     def _monitor_loop(self) -> None:
@@ -515,8 +508,7 @@ def parse_feedback(body: Any) -> tuple[list[tuple[str, int, Any]], bool]:
 
 
 def _segments(store: Store) -> list[Segment]:
-    return [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
-            for s in store.segments()]
+    return [Segment.from_row(row) for row in store.segments()]
 
 
 def _json_values(a: np.ndarray | None) -> list[str | None]:
@@ -535,13 +527,6 @@ def _concat(parts: list[Any]) -> np.ndarray:
     return arrays[0].copy() if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _run_model(model: Any, cols: dict[str, Any]) -> Any:
-    predict_columns = getattr(model, "predict_columns", None)
-    if predict_columns is not None:
-        return predict_columns(cols)
-    return model.predict(pd.DataFrame(cols))
-
-
 def _n_rows(rows: Any) -> int:
     try:
         return len(rows)
@@ -555,14 +540,6 @@ def _py(x: Any) -> Any:
     if isinstance(x, float) and math.isnan(x):
         return None
     return x
-
-
-def _plain(a: np.ndarray | None) -> list[Any]:
-    if a is None:
-        return []
-    if hasattr(a, "dtype") and a.dtype.kind == "f":
-        return [None if math.isnan(x) else x for x in a.tolist()]
-    return [_py(x) for x in (a.tolist() if hasattr(a, "tolist") else list(a))]
 
 
 def _span_event(changes: list[dict[str, Any]], retrain: bool, model: str) -> None:

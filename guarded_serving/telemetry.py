@@ -141,6 +141,10 @@ class ServiceMetrics:
         elif result.primary_error:
             self.primary_errors.labels(m).inc()
 
+    def rejected(self, n: int) -> None:
+        """Rows of a batch refused for schema violations (no GuardedResult to observe)."""
+        self._child(self.rows, "rejected").inc(n)
+
     def request(self, status: int) -> None:
         self._child(self.requests, str(status)).inc()
 

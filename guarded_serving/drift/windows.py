@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,17 @@ class Segment:
     rows: int
     state: dict[str, Any]
     id: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Segment:
+        """From a stored row (a mapping with these fields, as ``Store.segments`` returns)."""
+        return cls(worker=row["worker"], first_ts=row["first_ts"], last_ts=row["last_ts"],
+                   rows=row["rows"], state=row["state"], id=row.get("id"))
+
+    def as_row(self) -> dict[str, Any]:
+        """The fields a store keeps (no id: the store assigns it)."""
+        return {"worker": self.worker, "first_ts": self.first_ts, "last_ts": self.last_ts,
+                "rows": self.rows, "state": self.state}
 
 
 @dataclass
@@ -159,8 +170,12 @@ def drift_view(
     consecutive_windows_for_retrain: int = 3,
     thresholds: DriftThresholds | None = None,
     now: float | None = None,
+    windows: Sequence[Window] | None = None,
 ) -> dict[str, Any]:
     """Everything a reader wants to know about drift, from the stored segments.
+
+    ``windows``: the segments' windows when the caller has assembled them already (with the same
+    settings), so they are not merged twice.
 
     ``current`` evaluates the open window, or the last closed one while the open window holds
     fewer than ``min_rows`` (``current_window`` says which); ``cumulative`` evaluates all rows;
@@ -173,7 +188,8 @@ def drift_view(
     if consecutive_windows_for_retrain < 1:
         raise ValueError("consecutive_windows_for_retrain must be >= 1")
     segments = list(segments)
-    windows = assemble_windows(segments, profile, window_rows, window_seconds, now)
+    if windows is None:
+        windows = assemble_windows(segments, profile, window_rows, window_seconds, now)
     archived = [DriftState.from_dict(s.state) for s in segments
                 if s.worker == ARCHIVED and s.state.get("profile_hash") == profile.content_hash]
     if not windows and not archived:

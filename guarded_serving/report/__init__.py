@@ -29,13 +29,13 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
     profile = Profile.load(config.profile)
     store = Store(config.store.url, prefix=config.store.table_prefix)
     try:
-        segments = [Segment(**{k: s[k] for k in ("id", "worker", "first_ts", "last_ts", "rows", "state")})
-                    for s in store.segments()]
+        segments = [Segment.from_row(row) for row in store.segments()]
         d = config.drift
         thresholds = DriftThresholds(min_rows=d.min_rows)
         now = time.time()
+        windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds, now=now)
         view = drift_view(segments, profile, d.window_rows, d.window_seconds,
-                          d.consecutive_windows_for_retrain, thresholds, now=now)
+                          d.consecutive_windows_for_retrain, thresholds, now=now, windows=windows)
         # Only the stretch of the log the listed windows cover, and without the features.
         starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
         log = store.joined(since=min(starts) if starts else None, features=False)
@@ -48,7 +48,6 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
         for f in list(current.get("features") or []) + ([current["prediction"]] if current.get("prediction") else [])
         if f.get("buckets")
     }
-    windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds, now=now)
     summary = {w["index"]: w for w in view.get("windows") or []}
     history = []
     for w in windows:
