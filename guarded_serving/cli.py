@@ -82,12 +82,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Columns that ``guarded-serving export`` adds beside the features; not features themselves.
-EXPORT_META_COLUMNS = (
-    "request_id", "row", "ts", "route", "reasons", "primary_prediction", "fallback_prediction",
-    "served_prediction", "prediction", "probabilities", "latency_ms", "model", "primary_model",
-    "primary_version", "fallback_model", "fallback_version", "outcome_ts",
+#: The prediction-log columns ``guarded-serving export`` writes beside the features, in order.
+EXPORT_COLUMNS = (
+    "request_id", "row", "ts", "model", "primary_model", "primary_version", "fallback_model",
+    "fallback_version", "route", "reasons", "prediction", "primary_prediction", "fallback_prediction",
+    "latency_ms", "outcome_ts",
 )
+#: Columns of an export (or of similar files) that are not features: skipped by --from-export.
+EXPORT_META_COLUMNS = (*EXPORT_COLUMNS, "served_prediction", "probabilities")
 
 
 def cmd_fallback(args: argparse.Namespace) -> int:
@@ -198,11 +200,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .profile import Profile
     from .store.sql import Store
 
     config = load_config(args.config)
-    from .profile import Profile
-
     target = Profile.load(config.profile).target
     store = Store(config.store.url, prefix=config.store.table_prefix)
     since = _parse_time(args.since) if args.since else None
@@ -219,12 +220,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_frame(df: pd.DataFrame, target: str) -> pd.DataFrame:
     """Flatten the prediction log for retraining: one column per feature, the outcome under the
-    profile's target name, and the serving metadata (EXPORT_META_COLUMNS) beside them."""
+    profile's target name, and the serving metadata (EXPORT_COLUMNS) beside them."""
     feats = pd.DataFrame([f if isinstance(f, dict) else {} for f in df.get("features", [])], index=df.index)
-    meta = [c for c in ("request_id", "row", "ts", "model", "primary_model", "primary_version",
-                        "fallback_model", "fallback_version", "route", "reasons", "prediction",
-                        "primary_prediction", "fallback_prediction", "latency_ms", "outcome_ts")
-            if c in df.columns]
+    meta = [c for c in EXPORT_COLUMNS if c in df.columns]
     out = pd.concat([feats, df[meta]], axis=1)
     out[target] = df["outcome"] if "outcome" in df.columns else None
     if "ts" in out:

@@ -38,7 +38,7 @@ import bentoml
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .config import ServingConfig, load_config
@@ -93,20 +93,18 @@ def runtime() -> ServingRuntime:
 
 # -- HTTP -------------------------------------------------------------------------------------
 
-def error_response(err: GuardedServingError, request_id: str | None = None) -> JSONResponse:
+def error_response(err: GuardedServingError, request_id: str | None = None) -> Response:
     body = err.to_dict()
     if request_id:
         body["request_id"] = request_id
     status = STATUS_BY_CODE.get(err.code, 500)
-    headers = {"X-Request-ID": request_id} if request_id else None
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _json(body, status, request_id, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
-def _json(body: Any, status: int = 200, request_id: str | None = None) -> Response:
+def _json(body: Any, status: int = 200, request_id: str | None = None,
+          headers: dict[str, str] | None = None) -> Response:
     data = json.dumps(body, allow_nan=False, separators=(",", ":"), default=str).encode()
-    headers = {"X-Request-ID": request_id} if request_id else None
+    headers = {**(headers or {}), **({"X-Request-ID": request_id} if request_id else {})}
     return Response(data, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -212,7 +210,7 @@ async def profile(request: Request) -> Response:
         "fallback": {"name": rt.guard.fallback.name, "version": rt.guard.fallback.version},
         "latency_budget_ms": rt.config.latency_budget_ms,
         "max_rows": rt.config.max_rows,
-        "policy": rt.config.policy.to_dict() if hasattr(rt.config.policy, "to_dict") else str(rt.config.policy),
+        "policy": rt.config.policy.to_dict(),
         "baseline": p.baseline,
         "features": [
             {k: v for k, v in f.to_dict().items() if k not in ("bin_edges", "bin_counts")}
