@@ -282,7 +282,7 @@ class Store:
         """Insert prediction rows in one transaction; rows whose (request_id, row) is already
         logged are ignored. JSON columns are given as Python objects; ``reasons`` as a list or
         a ';'-joined string. A row may also be a tuple in ``PREDICTION_COLUMNS`` order with the
-        JSON columns already encoded (see ``RawJSON``)."""
+        JSON columns already encoded as JSON text."""
         if not rows:
             return
         # Tuples come ready (PREDICTION_COLUMNS order, JSON columns as JSON text): the service's
@@ -543,10 +543,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-class RawJSON(str):
-    """JSON text encoded already (say, by pandas for a whole batch); stored as it is."""
-
-
 def dumps(v: Any) -> str:
     """JSON text of ``v`` (numpy values converted, NaN as null)."""
     try:  # plain Python values without NaN, the common case: no walk over the value
@@ -581,7 +577,7 @@ def _prediction_params(r: dict[str, Any]) -> dict[str, Any]:
             out[c] = None
             continue
         if c in JSON_COLUMNS:
-            v = v if isinstance(v, RawJSON) else dumps(v)
+            v = dumps(v)
         elif c == "reasons" and v is not None and not isinstance(v, str):
             v = ";".join(str(x) for x in _iter(v))
         elif c in ("ts", "latency_ms") and v is not None:
