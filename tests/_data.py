@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -32,3 +34,8 @@ def serve() -> pd.DataFrame:
 
 def features(df: pd.DataFrame) -> pd.DataFrame:
     return df.drop(columns=[TARGET])
+
+
+def json_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as a client sends them in {"rows": [...]} (plain JSON values)."""
+    return json.loads(df.to_json(orient="records"))  # type: ignore[no-any-return]

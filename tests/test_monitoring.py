@@ -35,16 +35,12 @@ PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 FAST = {"store": {"flush_seconds": 0.3}}
 
 
-def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return json.loads(df.to_json(orient="records"))
-
-
 def _send(srv: Server, df: pd.DataFrame, batch: int = 50, threads: int = 4,
           headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     chunks = [df.iloc[i:i + batch] for i in range(0, len(df), batch)]
 
     def one(chunk: pd.DataFrame) -> dict[str, Any]:
-        r = httpx.post(srv.url + "/predict", json={"rows": _rows(chunk)}, timeout=30.0, headers=headers)
+        r = httpx.post(srv.url + "/predict", json={"rows": _data.json_rows(chunk)}, timeout=30.0, headers=headers)
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -204,7 +200,7 @@ def test_shifted_traffic_turns_drift_on_recommends_retraining_and_alerts(tmp_pat
 def test_a_store_that_is_down_degrades_monitoring_not_predictions(tmp_path: Path) -> None:
     dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test?connect_timeout=1"
     with Server(write_config(tmp_path, store={"url": dead, "flush_seconds": 0.3})) as srv:
-        rows = _rows(_data.features(_data.holdout()).head(3))
+        rows = _data.json_rows(_data.features(_data.holdout()).head(3))
         for _ in range(5):
             r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)
             assert r.status_code == 200 and r.json()["routes"] == ["primary"] * 3
@@ -349,7 +345,7 @@ def test_acknowledged_outcomes_survive_sigkill(tmp_path: Path) -> None:
 
 def test_a_slow_store_never_slows_predict_and_drops_are_counted(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, prediction_log={"queue_size": 20, "batch_size": 10}, **FAST)
-    row = _rows(_data.features(_data.holdout()).head(1))
+    row = _data.json_rows(_data.features(_data.holdout()).head(1))
     with Server(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30.0) as c:
         def latencies(n: int) -> list[float]:
             out = []

@@ -3,7 +3,6 @@ from another directory."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -117,7 +116,7 @@ def test_bentoml_build_then_serve_the_bento_elsewhere(tmp_path: Path) -> None:
     # The config path only names where the server log goes; the bento brings its own config.
     with Server(elsewhere / "unused.yaml", target=tag, cwd=elsewhere, env=env) as srv:
         big = _data.features(_data.serve()).query("carat > 2.0").head(1)
-        rows = json.loads(pd.concat([_data.features(_data.holdout()).head(1), big]).to_json(orient="records"))
+        rows = _data.json_rows(pd.concat([_data.features(_data.holdout()).head(1), big]))
         r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)
     assert r.status_code == 200, r.text
     assert r.json()["routes"] == ["primary", "fallback"]

@@ -3,7 +3,6 @@ from the log trains the next profile."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dic
     with Server(cfg) as srv:
         for start in range(0, len(data), 50):
             chunk = data.iloc[start:start + 50]
-            rows = json.loads(_data.features(chunk).to_json(orient="records"))
+            rows = _data.json_rows(_data.features(chunk))
             r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30.0)
             assert r.status_code == 200, r.text
             if start < 1200:  # outcomes for most of the traffic, not all

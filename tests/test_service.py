@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -21,10 +20,6 @@ from .otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
 from .server import Server, free_port, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _rows(df: Any) -> list[dict[str, Any]]:
-    return json.loads(df.to_json(orient="records"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ def post(srv: Server, path: str, body: Any = None, **kw: Any) -> httpx.Response:
 
 def test_in_range_rows_are_served_by_the_primary_as_in_process(main: Server) -> None:
     df = _data.features(_data.holdout()).head(40)
-    r = post(main, "/predict", {"rows": _rows(df)})
+    r = post(main, "/predict", {"rows": _data.json_rows(df)})
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) >= {"request_id", "predictions", "routes", "reasons", "timing_ms"}
@@ -92,7 +87,7 @@ def test_in_range_rows_are_served_by_the_primary_as_in_process(main: Server) -> 
 def test_out_of_range_rows_go_to_the_fallback_with_reasons(main: Server) -> None:
     df = _data.features(_data.serve())
     big = df[df["carat"] > 2.0].head(5)
-    r = post(main, "/predict", {"rows": _rows(big)})
+    r = post(main, "/predict", {"rows": _data.json_rows(big)})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["routes"] == ["fallback"] * 5
@@ -101,14 +96,14 @@ def test_out_of_range_rows_go_to_the_fallback_with_reasons(main: Server) -> None
 
 
 def test_client_request_id_is_kept(main: Server) -> None:
-    row = _rows(_data.features(_data.holdout()).head(1))
+    row = _data.json_rows(_data.features(_data.holdout()).head(1))
     r = post(main, "/predict", {"rows": row}, headers={"X-Request-ID": "order-42"})
     assert r.status_code == 200
     assert r.json()["request_id"] == "order-42" == r.headers["x-request-id"]
 
 
 def test_schema_violation_is_422_naming_row_column_and_problem(main: Server) -> None:
-    rows = _rows(_data.features(_data.holdout()).head(3))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(3))
     del rows[0]["depth"]
     rows[2]["carat"] = "heavy"
     r = post(main, "/predict", {"rows": rows})
@@ -122,7 +117,7 @@ def test_schema_violation_is_422_naming_row_column_and_problem(main: Server) -> 
 
 
 def test_on_reject_mark_answers_the_valid_rows(main: Server) -> None:
-    rows = _rows(_data.features(_data.holdout()).head(3))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(3))
     rows[1]["carat"] = "heavy"
     r = post(main, "/predict", {"rows": rows, "on_reject": "mark"})
     assert r.status_code == 200, r.text
@@ -148,7 +143,7 @@ def test_malformed_bodies_are_400(main: Server, content: bytes, needle: str) -> 
 
 
 def test_oversize_batch_is_413(main: Server) -> None:
-    rows = _rows(_data.features(_data.holdout()).head(51))  # max_rows is 50 in this config
+    rows = _data.json_rows(_data.features(_data.holdout()).head(51))  # max_rows is 50 in this config
     r = post(main, "/predict", {"rows": rows})
     assert r.status_code == 413
     assert r.json()["error"] == "batch_too_large" and "50" in r.json()["message"]
@@ -168,13 +163,13 @@ def test_bad_input_never_kills_a_worker(main: Server) -> None:
         r = post(main, "/predict", content=content, headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (content[:20], r.status_code, r.text)
     assert httpx.get(main.url + "/livez").status_code == 200
-    ok = post(main, "/predict", {"rows": _rows(_data.features(_data.holdout()).head(1))})
+    ok = post(main, "/predict", {"rows": _data.json_rows(_data.features(_data.holdout()).head(1))})
     assert ok.status_code == 200
 
 
 def test_metrics_count_routes_reasons_and_stages(main: Server) -> None:
     big = _data.features(_data.serve())
-    post(main, "/predict", {"rows": _rows(big[big["carat"] > 2.0].head(3))})
+    post(main, "/predict", {"rows": _data.json_rows(big[big["carat"] > 2.0].head(3))})
     text = httpx.get(main.url + "/metrics").text
     assert 'guarded_serving_rows_total{model="diamonds-price",route="fallback"}' in text
     assert 'guarded_serving_flags_total{feature="carat",model="diamonds-price",reason="out_of_range"}' in text
@@ -184,7 +179,7 @@ def test_metrics_count_routes_reasons_and_stages(main: Server) -> None:
 
 def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, receiver: OtlpReceiver) -> None:
     big = _data.features(_data.serve())
-    rows = _rows(_data.features(_data.holdout()).head(2)) + _rows(big[big["carat"] > 2.0].head(1))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(2)) + _data.json_rows(big[big["carat"] > 2.0].head(1))
     r = post(main, "/predict", {"rows": rows}, headers={"X-Request-ID": "trace-me-1"})
     assert r.status_code == 200
 
@@ -213,7 +208,7 @@ def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, r
 
 
 def test_spans_also_export_over_otlp_grpc(servers: dict[str, Server], grpc_receiver: GrpcOtlpReceiver) -> None:
-    rows = _rows(_data.features(_data.holdout()).head(1))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(1))
     assert post(servers["grpc"], "/predict", {"rows": rows}, headers={"X-Request-ID": "grpc-1"}).status_code == 200
     spans = grpc_receiver.wait_for(lambda ss: any(
         s.attributes.get("guarded_serving.request.id") == "grpc-1" and s.name == "guarded_serving.predict" for s in ss))
@@ -225,7 +220,7 @@ def test_spans_also_export_over_otlp_grpc(servers: dict[str, Server], grpc_recei
 
 def test_a_raising_primary_still_gets_fallback_answers(servers: dict[str, Server]) -> None:
     srv = servers["broken"]
-    rows = _rows(_data.features(_data.holdout()).head(4))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(4))
     r = post(srv, "/predict", {"rows": rows})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -235,11 +230,11 @@ def test_a_raising_primary_still_gets_fallback_answers(servers: dict[str, Server
 
 def test_fallback_failure_is_503_naming_the_request(servers: dict[str, Server]) -> None:
     srv = servers["broken"]
-    row = _rows(_data.features(_data.serve()).query("carat > 3.0").head(1))
+    row = _data.json_rows(_data.features(_data.serve()).query("carat > 3.0").head(1))
     r = post(srv, "/predict", {"rows": row}, headers={"X-Request-ID": "doomed-1"})
     assert r.status_code == 503, r.text
     assert r.json()["error"] == "fallback_failed" and r.json()["request_id"] == "doomed-1"
-    assert post(srv, "/predict", {"rows": _rows(_data.features(_data.holdout()).head(1))}).status_code == 200
+    assert post(srv, "/predict", {"rows": _data.json_rows(_data.features(_data.holdout()).head(1))}).status_code == 200
 
 
 def _latencies(srv: Server, rows: list[dict[str, Any]], n: int) -> list[float]:
@@ -254,7 +249,7 @@ def _latencies(srv: Server, rows: list[dict[str, Any]], n: int) -> list[float]:
 
 
 def test_trace_backend_down_adds_no_latency(servers: dict[str, Server]) -> None:
-    rows = _rows(_data.features(_data.holdout()).head(1))
+    rows = _data.json_rows(_data.features(_data.holdout()).head(1))
     live, dead = servers["main"], servers["dead_backend"]
     _latencies(live, rows, 20), _latencies(dead, rows, 20)  # warm up
     a, b = [], []
