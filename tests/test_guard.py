@@ -132,6 +132,34 @@ def test_spans_for_batch_and_stages(monkeypatch) -> None:
     assert "guarded_serving.features" not in root.attributes  # values stay off spans by default
 
 
+def test_no_stage_spans_in_a_trace_that_was_sampled_out(monkeypatch) -> None:
+    # BentoML's sampler records the spans it does not sample (RECORD_ONLY): is_recording() is
+    # true, yet nothing is exported. The guard must not build stage spans under such a parent.
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+
+    started: list[str] = []
+
+    class Starts(SimpleSpanProcessor):
+        def on_start(self, span, parent_context=None) -> None:  # type: ignore[no-untyped-def]
+            started.append(span.name)
+
+    exporter = InMemorySpanExporter()
+    record_only = StaticSampler(Decision.RECORD_ONLY)  # as BentoML's ParentBasedTraceIdRatio at rate 0
+    provider = TracerProvider(sampler=ParentBased(root=record_only, local_parent_not_sampled=record_only))
+    provider.add_span_processor(Starts(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(guard_module, "_tracer", tracer)
+    gm = GuardedModel.from_config(load_config(CONFIG))
+    X = features(holdout()).iloc[:4].copy()
+    X.loc[X.index[0], "carat"] = 3.0
+    with tracer.start_as_current_span("POST /predict") as server_span:
+        assert server_span.is_recording() and not server_span.get_span_context().trace_flags.sampled
+        r = gm.predict(X)
+    assert r.routes.tolist().count("fallback") == 1
+    assert started == ["POST /predict"]
+    assert exporter.get_finished_spans() == ()
+
+
 def test_classification_returns_aligned_probabilities() -> None:
     rng = np.random.default_rng(3)
     n = 3000
