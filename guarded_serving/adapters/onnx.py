@@ -57,6 +57,10 @@ class OnnxModel:
         self.name = name or props.get("name") or self.path.stem
         self.version = version or props.get("version") or str(meta.version)
         self.inputs = self.session.get_inputs()
+        # (name, numpy dtype, wants a 2-D column) per input, read once: each property of an
+        # onnxruntime NodeArg is a C++ call, and a call per input per request adds up.
+        self._input_specs = [(i.name, _NUMPY_OF.get(i.type, np.float32), len(i.shape) == 2)
+                             for i in self.inputs]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.columns = columns or (json.loads(props["columns"]) if "columns" in props else None)
         self.task = task or props.get("task") or self._guess_task()
@@ -73,14 +77,14 @@ class OnnxModel:
             cols = self.columns or list(columns)
             dtype = _NUMPY_OF.get(inp.type, np.float32)
             return {inp.name: np.column_stack([np.asarray(columns[c], dtype=dtype) for c in cols])}
-        missing = sorted(i.name for i in self.inputs if i.name not in columns)
-        if missing:
-            raise ModelLoadError(f"{self.path.name}: the graph wants inputs {missing} the data lacks")
         feeds = {}
-        for inp in self.inputs:
-            dtype = _NUMPY_OF.get(inp.type, np.float32)
+        for name, dtype, two_d in self._input_specs:
+            raw = columns.get(name)
+            if raw is None:
+                missing = sorted(n for n, _, _ in self._input_specs if n not in columns)
+                raise ModelLoadError(f"{self.path.name}: the graph wants inputs {missing} the data lacks")
             if dtype is object:
-                arr = np.asarray(columns[inp.name], dtype=object)
+                arr = np.asarray(raw, dtype=object)
                 if len(arr) <= 64:  # pd.isna costs more than this loop on a few rows
                     null = np.fromiter((v is None or v != v for v in arr), bool, len(arr))
                 else:
@@ -89,8 +93,8 @@ class OnnxModel:
                     arr = arr.copy()
                     arr[null] = ""
             else:
-                arr = np.asarray(columns[inp.name], dtype=dtype)
-            feeds[inp.name] = arr.reshape(-1, 1) if len(inp.shape) == 2 else arr
+                arr = np.asarray(raw, dtype=dtype)
+            feeds[name] = arr.reshape(-1, 1) if two_d else arr
         return feeds
 
     def predict(self, data: pd.DataFrame) -> Prediction:
