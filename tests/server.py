@@ -53,7 +53,7 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config.parent / f"server-{self.port}.log"
-        self.env = {
+        merged: dict[str, str | None] = {
             **os.environ,
             "GUARDED_SERVING_CONFIG": str(config),
             "GUARDED_SERVING_WORKERS": str(workers),
@@ -64,7 +64,7 @@ class Server:
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             **(env or {}),
         }
-        self.env = {k: v for k, v in self.env.items() if v is not None}  # None: unset it
+        self.env: dict[str, str] = {k: v for k, v in merged.items() if v is not None}  # None: unset it
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> Server:
