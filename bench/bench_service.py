@@ -1,6 +1,6 @@
 """Benchmark: the guarded service against a plain BentoML service serving the same ONNX model.
 
-    python bench/bench_service.py                 # 3 rounds x 10 s per case (about 3 minutes)
+    python bench/bench_service.py                 # 5 rounds x 8 s per case (about 3.5 minutes)
     python bench/bench_service.py --seconds 3 --rounds 1
 
 Both run through ``bentoml serve`` with one worker on loopback; the load generator is ``wrk``
@@ -8,8 +8,11 @@ Both run through ``bentoml serve`` with one worker on loopback; the load generat
 request bodies: ``{"rows": [...]}`` with 1 and with 100 rows of the example's holdout data. The
 guarded service runs with everything on: checks, shadow fallback, drift counting, the prediction
 log into SQLite and Prometheus metrics. Cases alternate (guarded, plain, guarded, ...) so machine
-noise hits both alike; the table reports medians over rounds and the ratios guarded / plain.
-Results go to stdout and bench/results/service.json.
+noise hits both alike; the table reports medians over rounds and the ratios guarded / plain, and
+also the median of the per-round ratios (each round's guarded run against the plain run right
+after it, which cancels slow drifts in the machine's load) and each worker's CPU time per request
+(user + system, all its threads, from /proc via psutil). Results go to stdout and
+bench/results/service.json.
 """
 
 from __future__ import annotations
@@ -66,7 +69,20 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int) -> dict[str, float]:
+def worker_process(srv: Server) -> Any:
+    """The BentoML worker process of ``srv`` (the one that runs the service's code)."""
+    import psutil
+
+    assert srv.proc is not None
+    for p in psutil.Process(srv.proc.pid).children(recursive=True):
+        if "_bentoml_impl.worker" in " ".join(p.cmdline()):
+            return p
+    raise RuntimeError("no BentoML worker process found")
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int,
+            worker: Any = None) -> dict[str, float]:
+    cpu0 = worker.cpu_times() if worker is not None else None
     out = subprocess.run(
         [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url + "/predict"],
         check=True, capture_output=True, text=True,
@@ -77,7 +93,12 @@ def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int) 
     errors = re.search(r"Socket errors:.*", out)
     if bad or errors:
         raise RuntimeError(f"the load run had failures:\n{out}")
-    return {"rps": rps, "p50_ms": _ms(dist["50"]), "p99_ms": _ms(dist["99"])}
+    result = {"rps": rps, "p50_ms": _ms(dist["50"]), "p99_ms": _ms(dist["99"])}
+    if cpu0 is not None:
+        cpu1 = worker.cpu_times()
+        n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        result["cpu_us_per_request"] = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / n * 1e6
+    return result
 
 
 def monitoring_counts(url: str) -> dict[str, float]:
@@ -97,8 +118,8 @@ def monitoring_counts(url: str) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--overrides", default="{}",
                     help='serving-config overrides as JSON, to measure what a feature costs, e.g. '
@@ -115,20 +136,27 @@ def main() -> None:
     plain = Server(tmp / "serving.yaml", workers=1, env=env, target="bench.plain_service:PlainService")
     results: dict[str, Any] = {}
     with guarded, plain:
+        workers = {"guarded": worker_process(guarded), "plain": worker_process(plain)}
         for n, script in scripts.items():
             for srv in (guarded, plain):  # warm up
                 run_wrk(wrk, srv.url, script, 2, args.connections)
             before = monitoring_counts(guarded.url)
             runs: dict[str, list[dict[str, float]]] = {"guarded": [], "plain": []}
             for _ in range(args.rounds):
-                runs["guarded"].append(run_wrk(wrk, guarded.url, script, args.seconds, args.connections))
-                runs["plain"].append(run_wrk(wrk, plain.url, script, args.seconds, args.connections))
-            med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p99_ms")}
-                   for k, v in runs.items()}
+                runs["guarded"].append(run_wrk(wrk, guarded.url, script, args.seconds, args.connections, workers["guarded"]))
+                runs["plain"].append(run_wrk(wrk, plain.url, script, args.seconds, args.connections, workers["plain"]))
+            metrics = ("rps", "p50_ms", "p99_ms", "cpu_us_per_request")
+            med = {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()}
             med["ratio"] = {
                 "throughput": med["guarded"]["rps"] / med["plain"]["rps"],
                 "p50": med["guarded"]["p50_ms"] / med["plain"]["p50_ms"],
                 "p99": med["guarded"]["p99_ms"] / med["plain"]["p99_ms"],
+                "cpu_per_request": med["guarded"]["cpu_us_per_request"] / med["plain"]["cpu_us_per_request"],
+            }
+            pairs = list(zip(runs["guarded"], runs["plain"], strict=True))
+            med["paired_ratio_median"] = {
+                "throughput": statistics.median(g["rps"] / p["rps"] for g, p in pairs),
+                "p50": statistics.median(g["p50_ms"] / p["p50_ms"] for g, p in pairs),
             }
             after = monitoring_counts(guarded.url)
             # Honesty check: under overload the monitoring drops rows (counted) rather than slow
@@ -137,15 +165,18 @@ def main() -> None:
             results[f"{n}_rows"] = {**med, "rounds": runs}
     print(f"\nwrk, 1 thread, {args.connections} connections, {args.seconds:.0f} s x {args.rounds} rounds, "
           "one BentoML worker each (medians over rounds)")
-    print(f"{'rows/request':>12} {'service':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'rows/request':>12} {'service':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}")
     for key, r in results.items():
         if not isinstance(r, dict):
             continue
         for name in ("guarded", "plain"):
             g = r[name]
-            print(f"{key.split('_')[0]:>12} {name:>8} {g['rps']:>9.0f} {g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}")
-        ratio = r["ratio"]
+            print(f"{key.split('_')[0]:>12} {name:>8} {g['rps']:>9.0f} {g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}"
+                  f" {g['cpu_us_per_request']:>11.0f}")
+        ratio, paired = r["ratio"], r["paired_ratio_median"]
         print(f"{'':>12} {'ratio':>8} {ratio['throughput']:>9.2f} {ratio['p50']:>8.2f} {ratio['p99']:>8.2f}"
+              f" {ratio['cpu_per_request']:>11.2f}")
+        print(f"{'':>12} {'paired':>8} {paired['throughput']:>9.2f} {paired['p50']:>8.2f}"
               f"   (log dropped {r['monitoring']['dropped']:.0f} of {r['monitoring']['served']:.0f} rows, "
               f"{r['monitoring']['dropped_before_drift']:.0f} of them before drift counting)")
     results["cpu_count"] = os.cpu_count()
