@@ -225,6 +225,19 @@ class Profile:
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
 
+    @cached_property
+    def numeric_ranges(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(names, minima, maxima) of the numeric features that have a training range."""
+        ranged = [f for f in self.features if f.is_numeric and f.count]
+        return ([f.name for f in ranged], np.array([float(f.min or 0.0) for f in ranged]),
+                np.array([float(f.max or 0.0) for f in ranged]))
+
+    @cached_property
+    def integer_columns(self) -> np.ndarray:
+        """Positions of the integer features in ``numeric_ranges``' names."""
+        ranged = [f for f in self.features if f.is_numeric and f.count]
+        return np.array([i for i, f in enumerate(ranged) if f.kind == "integer"], dtype=np.intp)
+
     def feature(self, name: str) -> FeatureProfile:
         try:
             return self._by_name[name]  # type: ignore[attr-defined, no-any-return]

@@ -130,3 +130,48 @@ def test_reason_counts(profile: Profile) -> None:
     df = pd.concat([_row(depth=90.0), _row(cut="Excellent"), _row(cut="Excellent")])
     assert check_batch(df, profile).reason_counts() == {
         "out_of_range:depth": 1, "outlier": 1, "unseen_category:cut": 2}
+
+
+@pytest.mark.parametrize("policy", [Policy(), Policy(range_margin=0.1), Policy(check_nulls=False),
+                                    Policy(outlier_quantile=None)], ids=["default", "margin", "no-nulls", "no-outlier"])
+def test_json_rows_and_dataframes_get_the_same_verdicts(policy: Policy) -> None:
+    # Rows of plain JSON numbers take a one-matrix path for the numeric columns; a DataFrame (and
+    # any row with a non-number in a numeric column) is checked column by column. Same verdicts.
+    rng = np.random.default_rng(11)
+    n = 400
+    train_df = pd.DataFrame({
+        "a": rng.normal(size=n), "b": rng.uniform(0, 10, n), "k": rng.integers(0, 5, n),
+        "c": rng.choice(["u", "v"], n), "opt": np.where(rng.random(n) < 0.2, np.nan, rng.normal(size=n)),
+        "y": rng.normal(size=n),
+    })
+    prof = build_profile(train_df, "y")
+    assert prof.feature("k").kind == "integer" and prof.feature("opt").nullable
+    live = pd.DataFrame({
+        "a": rng.normal(scale=2.0, size=200), "b": rng.uniform(-2, 12, 200), "k": rng.integers(0, 7, 200),
+        "c": rng.choice(["u", "v", "w"], 200), "opt": np.where(rng.random(200) < 0.3, np.nan, rng.normal(size=200)),
+    })
+    live.loc[3, "a"] = np.nan  # a null where training had none
+    rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+            for r in live.astype(object).to_dict(orient="records")]
+    plain = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
+    with_nan = [dict(r, a=float("nan") if r["a"] is None else r["a"],
+                     opt=float("nan") if r["opt"] is None else r["opt"]) for r in plain]
+    from guarded_serving.checks import _numeric_block, as_columns
+
+    assert _numeric_block(as_columns(with_nan)[0], prof, 0.0) is not None
+    assert _numeric_block(as_columns(plain)[0], prof, 0.0) is None
+    by_frame = check_batch(live, prof, policy)
+    for batch in (plain, with_nan):  # None in a numeric column: per column; NaN: the matrix path
+        by_rows = check_batch(batch, prof, policy)
+        assert by_rows.status.tolist() == by_frame.status.tolist()
+        assert by_rows.reasons() == by_frame.reasons()
+        assert by_rows.flag_names == by_frame.flag_names
+        for name in ("a", "b", "k", "opt"):
+            np.testing.assert_array_equal(by_rows.columns[name], by_frame.columns[name])
+        if policy.outlier_quantile is not None:
+            np.testing.assert_allclose(by_rows.outlier_scores, by_frame.outlier_scores)
+    assert (by_frame.status == FALLBACK).any() and (by_frame.status == OK).any()
+    # A fractional value for an integer feature is still named as a problem.
+    bad = [dict(plain[0], k=1.5), plain[1]]
+    v = check_batch(bad, prof, policy)
+    assert [(p.row, p.column) for p in v.problems] == [(0, "k")] and v.status.tolist()[0] == REJECT
