@@ -155,8 +155,8 @@ def check_batch(
     if block is not None:
         names, matrix, nulls, out_of_range = block
         in_block = {name: j for j, name in enumerate(names)}
-        has_null = nulls.any(axis=0).tolist()
-        has_oor = out_of_range.any(axis=0).tolist()
+        has_null = np.asarray(nulls.any(axis=0)).tolist()
+        has_oor = np.asarray(out_of_range.any(axis=0)).tolist()
         for j, name in enumerate(names):
             coerced[name] = matrix[:, j]
 
