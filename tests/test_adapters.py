@@ -56,7 +56,7 @@ def test_onnx_classifier_labels_and_probabilities(tmp_path) -> None:
 
 def test_pickles_need_trust(tmp_path) -> None:
     path = tmp_path / "m.joblib"
-    joblib.dump(LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), path)
+    joblib.dump(LinearRegression().fit(pd.DataFrame({"x0": [0.0, 1.0]}), [0.0, 1.0]), path)
     with pytest.raises(ModelLoadError, match="execute code"):
         load_model(path)
     m = load_model(path, trusted=True)
