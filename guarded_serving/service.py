@@ -29,10 +29,9 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import bentoml
@@ -308,21 +307,18 @@ class GuardedService:
         shutdown_tracing(self._provider)
 
 
-def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, workers: int = 1) -> int:
-    """Run the service through BentoML's own server (``bentoml serve``) for ``config``."""
+def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, workers: int = 1) -> NoReturn:
+    """Run the service through BentoML's own server (``bentoml serve``) for ``config``.
+
+    The process becomes ``bentoml serve`` (exec, not a child): SIGTERM from a container runtime or
+    a process manager reaches BentoML itself, which drains and stops its workers, and no server
+    is left behind holding the port."""
     path = Path(config).resolve() if config else EXAMPLE_CONFIG
     load_config(path)  # fail here, with the key named, rather than in every worker
     env = {**os.environ, CONFIG_ENV: str(path), WORKERS_ENV: str(workers)}
     cmd = [sys.executable, "-m", "bentoml", "serve", "guarded_serving.service:GuardedService",
            "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env)
     log.info("serving %s on http://%s:%s with %d worker(s)", path, host, port, workers)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return 130
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execve(sys.executable, cmd, env)

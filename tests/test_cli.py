@@ -1,11 +1,20 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pandas as pd
+import pytest
 
 from guarded_serving.cli import main
 from guarded_serving.profile import Profile
 
-from ._data import CONFIG, EXAMPLE
+from ._data import CONFIG, EXAMPLE, features, holdout, json_rows
+from .server import free_port, write_config
 
 DATA = EXAMPLE / "data"
 
@@ -33,3 +42,48 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "c.yaml").write_text("name: x\n")
     assert main(["predict", str(tmp_path / "c.yaml"), str(DATA / "serve.parquet")]) == 2
     assert "missing required key" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_serve_runs_bentoml_with_the_workers_asked_and_stops_on_sigterm(tmp_path) -> None:
+    # `guarded-serving serve` must become BentoML's server, so that the SIGTERM a container runtime
+    # or process manager sends stops the workers too, and nothing is left holding the port.
+    import psutil
+
+    port = free_port()
+    cfg = write_config(tmp_path)
+    exe = Path(sys.executable).parent / "guarded-serving"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "true"}
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([str(exe), "serve", str(cfg), "--port", str(port), "--workers", "2"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not ready in 90 s"
+            time.sleep(0.3)
+        rows = json_rows(features(holdout()).head(1))
+        r = httpx.post(url + "/predict", json={"rows": rows}, timeout=30)
+        assert r.status_code == 200 and r.json()["routes"] == ["primary"]
+        server = psutil.Process(proc.pid)
+        assert "bentoml" in server.cmdline() and "serve" in server.cmdline()
+        workers = [p for p in server.children(recursive=True) if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGTERM)  # to the server alone, as `docker stop` does to PID 1
+        assert proc.wait(timeout=60) is not None
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, alive
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/readyz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
