@@ -52,6 +52,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver,
     for name, overrides in specs.items():
         d = tmp_path_factory.mktemp(name)
         srvs[name] = Server(write_config(d, **overrides))
+    # No tracing in the serving config: BentoML's own tracing settings, as a BentoML user writes them.
+    d = tmp_path_factory.mktemp("bentoml_tracing")
+    bentoml_config = d / "bentoml_configuration.yaml"
+    bentoml_config.write_text(
+        "services:\n  GuardedService:\n    tracing:\n      exporter_type: otlp\n      sample_rate: 1.0\n"
+        f"      otlp:\n        protocol: http\n        endpoint: {receiver.endpoint}\n"
+    )
+    srvs["bentoml_tracing"] = Server(write_config(d), env={"BENTOML_CONFIG": str(bentoml_config)})
     with ThreadPoolExecutor(len(srvs)) as ex:
         list(ex.map(lambda s: s.start(), srvs.values()))
     yield srvs
@@ -177,19 +185,23 @@ def test_metrics_count_routes_reasons_and_stages(main: Server) -> None:
     assert 'guarded_serving_requests_total{model="diamonds-price",status="422"}' in text
 
 
+def _guard_span(receiver: OtlpReceiver, request_id: str) -> tuple[list[Any], Any]:
+    """Every span received once the guard's span of ``request_id`` is in, and that span."""
+
+    def is_it(s: Any) -> bool:
+        return bool(s.name == "guarded_serving.predict" and s.attributes.get("guarded_serving.request.id") == request_id)
+
+    spans = receiver.wait_for(lambda spans: any(is_it(s) for s in spans))
+    return spans, next(s for s in spans if is_it(s))
+
+
 def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, receiver: OtlpReceiver) -> None:
     big = _data.features(_data.serve())
     rows = _data.json_rows(_data.features(_data.holdout()).head(2)) + _data.json_rows(big[big["carat"] > 2.0].head(1))
     r = post(main, "/predict", {"rows": rows}, headers={"X-Request-ID": "trace-me-1"})
     assert r.status_code == 200
 
-    def found(spans: list[Any]) -> bool:
-        return any(s.name == "guarded_serving.predict" and s.attributes.get("guarded_serving.request.id") == "trace-me-1"
-                   for s in spans)
-
-    spans = receiver.wait_for(found)
-    root = next(s for s in spans if s.name == "guarded_serving.predict"
-                and s.attributes.get("guarded_serving.request.id") == "trace-me-1")
+    spans, root = _guard_span(receiver, "trace-me-1")
     assert root.attributes["guarded_serving.rows"] == 3
     assert root.attributes["guarded_serving.rows.primary"] == 2
     assert root.attributes["guarded_serving.rows.fallback"] == 1
@@ -205,6 +217,17 @@ def test_spans_arrive_over_otlp_with_parent_links_and_attributes(main: Server, r
     assert http.kind == 2  # SERVER
     assert http.attributes.get("http.method", http.attributes.get("http.request.method")) == "POST"
     assert root.resource.get("service.name")
+
+
+def test_bentoml_own_tracing_settings_carry_the_guard_spans(servers: dict[str, Server], receiver: OtlpReceiver) -> None:
+    r = post(servers["bentoml_tracing"], "/predict", {"rows": _data.json_rows(_data.features(_data.holdout()).head(1))},
+             headers={"X-Request-ID": "bentoml-config-1"})
+    assert r.status_code == 200
+
+    spans, root = _guard_span(receiver, "bentoml-config-1")
+    assert {s.name for s in spans if s.parent_span_id == root.span_id} == {"guarded_serving.validate", "guarded_serving.primary"}
+    http = next(s for s in spans if s.span_id == root.parent_span_id)
+    assert http.kind == 2 and http.trace_id == root.trace_id
 
 
 def test_spans_also_export_over_otlp_grpc(servers: dict[str, Server], grpc_receiver: GrpcOtlpReceiver) -> None:
