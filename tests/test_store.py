@@ -394,3 +394,16 @@ def test_a_chain_of_events_is_extended_once(store: Store) -> None:
     assert second is not None and store.add_event_after("drift_status", first, {"x": 1}) is None
     last = store.last_event("drift_status")
     assert last is not None and last["id"] == second and last["body"] == {"statuses": {"carat": "drift"}}
+
+
+def test_log_predictions_in_many_statements_keeps_every_row_once(store: Store) -> None:
+    # Rows go in several to a statement, a statement per chunk; duplicates within one call and
+    # across calls are ignored as with single-row inserts.
+    big = _rows("big", 1234)
+    store.log_predictions(big + _rows("big", 3) + _rows("other", 1))
+    store.log_predictions(_rows("big", 1300))  # 66 new rows, the rest already there
+    assert store.request_row_count("big") == 1300
+    assert store.request_row_count("other") == 1
+    df = store.joined()
+    assert len(df) == 1301
+    assert sorted(df.loc[df.request_id == "big", "row"].tolist()) == list(range(1300))
