@@ -43,6 +43,22 @@ def write_config(directory: Path, **overrides: Any) -> Path:
     return path
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. BentoML's workers are not all in the server's
+    process group, so they are found by ancestry."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 class Server:
     """``with Server(config) as srv: httpx.post(srv.url + "/predict", ...)``"""
 
@@ -100,25 +116,13 @@ class Server:
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.kill()  # every descendant: workers are not all in the server's process group
 
     def kill(self) -> None:
-        """SIGKILL the server and every worker, as when a container is killed. BentoML's workers
-        are not all in the server's process group, so they are found by ancestry."""
-        import psutil
-
+        """SIGKILL the server and every worker, as when a container is killed."""
         if self.proc is None:
             return
-        try:
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(self.proc.pid)
         self.proc.wait()
 
     def __enter__(self) -> Server:

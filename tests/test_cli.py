@@ -14,7 +14,7 @@ from guarded_serving.cli import main
 from guarded_serving.profile import Profile
 
 from ._data import CONFIG, EXAMPLE, features, holdout, json_rows
-from .server import free_port, write_config
+from .server import free_port, kill_tree, write_config
 
 DATA = EXAMPLE / "data"
 
@@ -83,7 +83,7 @@ def test_serve_runs_bentoml_with_the_workers_asked_and_stops_on_sigterm(tmp_path
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/readyz", timeout=2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # the test failed with the server up: leave no worker behind
+            kill_tree(proc.pid)
             proc.wait()
         log.close()
