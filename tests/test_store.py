@@ -407,3 +407,17 @@ def test_log_predictions_in_many_statements_keeps_every_row_once(store: Store) -
     df = store.joined()
     assert len(df) == 1301
     assert sorted(df.loc[df.request_id == "big", "row"].tolist()) == list(range(1300))
+
+
+def test_request_ids_are_uuid7_and_sort_by_time() -> None:
+    from guarded_serving.runtime import new_request_id
+
+    first = [new_request_id() for _ in range(1000)]
+    time.sleep(0.002)
+    later = new_request_id()
+    assert len(set(first)) == 1000
+    for rid in first:
+        u = uuid.UUID(rid)
+        assert len(rid) == 32 and u.hex == rid and u.version == 7 and u.variant == uuid.RFC_4122
+    assert max(first) < later  # a later millisecond sorts after: the log's key grows at one end
+    assert abs(int(later[:12], 16) / 1e3 - time.time()) < 5  # the prefix is Unix milliseconds
