@@ -98,8 +98,8 @@ def assemble_windows(
     window, and a late segment of an earlier period joins the window being filled. With both, a
     window closes at whichever comes first. The last window is open unless it closed by rows, or
     ``now`` is given and lies past the end of its period. With neither, everything forms one open
-    window. A segment written by ``compact`` is a closed window on its own; segments that sort before
-it but were not part of it (flushed late) join the next window. Segments of another
+    window. A segment written by ``compact`` is a closed window on its own; segments that sort
+    before it but were not part of it (flushed late) join the next window. Segments of another
     profile (the model changed) are skipped.
     """
     if window_rows is not None and window_rows < 1:
@@ -228,9 +228,7 @@ def drift_view(
             break
         streak += 1
 
-    cumulative = DriftState.empty(profile)
-    for part in [*archived, *(w.state for w in windows)]:
-        cumulative = cumulative.merge(part)
+    cumulative = _merged([*archived, *(w.state for w in windows)], profile)
     listed = []
     for w in windows[-MAX_LISTED_WINDOWS:]:
         r = result(w)
