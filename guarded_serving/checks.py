@@ -196,7 +196,8 @@ def check_batch(
         if fp.is_numeric:
             if fp.count == 0:
                 continue
-            flag(f"{OUT_OF_RANGE}:{fp.name}", _out_of_range(values, fp, policy.range_margin))
+            flag(f"{OUT_OF_RANGE}:{fp.name}",
+                 _out_of_range(values, float(fp.min or 0.0), float(fp.max or 0.0), policy.range_margin))
         elif policy.check_categories:
             known = _isin(values, fp) | null
             if bad is not None:
@@ -224,11 +225,13 @@ def check_batch(
     return Verdicts(status, flags, flag_names, coerced, problems, extra, scores)
 
 
-def _out_of_range(values: np.ndarray, fp: FeatureProfile, range_margin: float) -> np.ndarray:
-    lo, hi = float(fp.min or 0.0), float(fp.max or 0.0)
-    margin = range_margin * (hi - lo)
-    oor = values < lo - margin  # NaN compares False, without a warning
-    oor |= values > hi + margin
+def _out_of_range(values: np.ndarray, lo: Any, hi: Any, range_margin: float) -> np.ndarray:
+    """Values beyond [lo, hi] widened by ``range_margin`` of its width: one column with scalar
+    bounds, or a (rows x columns) matrix with a bound per column."""
+    if range_margin:
+        lo, hi = lo - range_margin * (hi - lo), hi + range_margin * (hi - lo)
+    oor = values < lo  # NaN compares False, without a warning
+    oor |= values > hi
     return oor
 
 
@@ -256,12 +259,7 @@ def _numeric_block(columns: Mapping[str, Any], profile: Profile, range_margin: f
         with np.errstate(invalid="ignore"):
             if (np.isfinite(part) & (np.mod(part, 1.0) != 0)).any():
                 return None  # a fractional "integer": the per-column path names the rows
-    if range_margin:
-        lo, hi = lo - range_margin * (hi - lo), hi + range_margin * (hi - lo)
-    nulls = np.isnan(matrix)
-    out_of_range = matrix < lo  # NaN compares False, without a warning
-    out_of_range |= matrix > hi
-    return names, matrix, nulls, out_of_range
+    return names, matrix, np.isnan(matrix), _out_of_range(matrix, lo, hi, range_margin)
 
 
 # -- coercion ----------------------------------------------------------------------------------

@@ -235,8 +235,8 @@ class Profile:
     @cached_property
     def integer_columns(self) -> np.ndarray:
         """Positions of the integer features in ``numeric_ranges``' names."""
-        ranged = [f for f in self.features if f.is_numeric and f.count]
-        return np.array([i for i, f in enumerate(ranged) if f.kind == "integer"], dtype=np.intp)
+        names = self.numeric_ranges[0]
+        return np.array([i for i, n in enumerate(names) if self.feature(n).kind == "integer"], dtype=np.intp)
 
     def feature(self, name: str) -> FeatureProfile:
         try:
