@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from tests.server import Server, write_config  # noqa: E402
+from tests.server import Server, worker_processes, write_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "service.json"
 
@@ -71,13 +71,11 @@ def _ms(text: str) -> float:
 
 def worker_process(srv: Server) -> Any:
     """The BentoML worker process of ``srv`` (the one that runs the service's code)."""
-    import psutil
-
     assert srv.proc is not None
-    for p in psutil.Process(srv.proc.pid).children(recursive=True):
-        if "_bentoml_impl.worker" in " ".join(p.cmdline()):
-            return p
-    raise RuntimeError("no BentoML worker process found")
+    workers = worker_processes(srv.proc.pid)
+    if not workers:
+        raise RuntimeError("no BentoML worker process found")
+    return workers[0]
 
 
 def run_wrk(wrk: str, url: str, script: Path, seconds: float, connections: int,

@@ -157,7 +157,7 @@ class ServiceMetrics:
         return child
 
     def dropped(self, n: int, stage: str = "log") -> None:
-        self.log_dropped.labels(self.model, stage).inc(n)
+        self._child(self.log_dropped, stage).inc(n)
 
     def set_drift(self, view: dict[str, Any]) -> None:
         """Publish the drift gauges from a drift view (``drift.windows.drift_view``)."""

@@ -59,6 +59,14 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def worker_processes(pid: int) -> list[Any]:
+    """The BentoML worker processes (psutil) under the server process ``pid``."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
 class Server:
     """``with Server(config) as srv: httpx.post(srv.url + "/predict", ...)``"""
 

@@ -14,7 +14,7 @@ from guarded_serving.cli import main
 from guarded_serving.profile import Profile
 
 from ._data import CONFIG, EXAMPLE, features, holdout, json_rows
-from .server import free_port, kill_tree, write_config
+from .server import free_port, kill_tree, worker_processes, write_config
 
 DATA = EXAMPLE / "data"
 
@@ -74,7 +74,7 @@ def test_serve_runs_bentoml_with_the_workers_asked_and_stops_on_sigterm(tmp_path
         assert r.status_code == 200 and r.json()["routes"] == ["primary"]
         server = psutil.Process(proc.pid)
         assert "bentoml" in server.cmdline() and "serve" in server.cmdline()
-        workers = [p for p in server.children(recursive=True) if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+        workers = worker_processes(proc.pid)
         assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)  # to the server alone, as `docker stop` does to PID 1
         assert proc.wait(timeout=60) is not None
