@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .errors import PayloadError, Problem
-from .policy import Policy
-from .profile import FeatureProfile, Profile
+from .policy import FeatureRules, Policy
+from .profile import FeatureProfile, OutlierModel, Profile, epoch_seconds, is_aware
 
 OK, FALLBACK, REJECT = 0, 1, 2
 
@@ -59,12 +60,20 @@ class Verdicts:
     problems: list[Problem] = field(default_factory=list)
     extra_columns: list[str] = field(default_factory=list)
     outlier_scores: np.ndarray | None = None
+    #: The datetime features and their training time zone (None: naive). Their ``columns`` hold
+    #: epoch seconds (what the checks, drift and ONNX models use); ``features`` holds datetimes.
+    datetime_columns: dict[str, str | None] = field(default_factory=dict)
     _frame: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def features(self) -> pd.DataFrame:
+        """The checked columns as a DataFrame (datetime features as datetimes, in their training
+        time zone or naive), for models that take a DataFrame."""
         if self._frame is None:
-            self._frame = pd.DataFrame(self.columns, copy=False)
+            frame = pd.DataFrame(self.columns, copy=False)
+            for name, tz in self.datetime_columns.items():
+                frame[name] = _datetimes(self.columns[name], tz)
+            self._frame = frame
         return self._frame
 
     @property
@@ -121,6 +130,67 @@ def as_columns(data: pd.DataFrame | Columns | Sequence[Mapping[str, Any]]) -> tu
     raise PayloadError(f"cannot read a batch from {type(data).__name__}", [])
 
 
+@dataclass(frozen=True)
+class CheckPlan:
+    """What ``check_batch`` applies to one profile under one policy, resolved once.
+
+    ``rules`` holds each feature's resolved ``FeatureRules``; ``bounds`` each range-checked
+    numeric or datetime feature's [lo, hi] (the training range widened by its margin). The
+    numeric (non-datetime) features with a training range form the ``block``: when a batch holds
+    nothing but plain numbers in them, they are checked as one matrix against ``block_lo`` and
+    ``block_hi`` (infinite for a feature whose range is ignored). ``outlier`` is the profile's
+    outlier model over the features the policy leaves in it, ``outlier_threshold`` its threshold
+    (None: no outlier check).
+    """
+
+    rules: dict[str, FeatureRules]
+    bounds: dict[str, tuple[float, float]]
+    block: list[str]
+    block_lo: np.ndarray
+    block_hi: np.ndarray
+    block_integer: np.ndarray
+    outlier: OutlierModel | None
+    outlier_threshold: float | None
+    outlier_in_block: np.ndarray | None
+
+    @classmethod
+    def build(cls, profile: Profile, policy: Policy) -> CheckPlan:
+        """Resolve ``policy`` for ``profile``; a ConfigError names any feature the policy names
+        that the profile lacks."""
+        policy.require_features(profile.feature_names)
+        rules = {f.name: policy.rules(f.name, profile.time_index) for f in profile.features}
+        bounds = {}
+        for f in profile.features:
+            margin = rules[f.name].range_margin
+            if f.is_numeric and f.count and margin is not None:
+                low, high = float(f.min or 0.0), float(f.max or 0.0)
+                bounds[f.name] = (low - margin * (high - low), high + margin * (high - low))
+        ranged = [f for f in profile.features if f.is_numeric and not f.is_datetime and f.count]
+        block = [f.name for f in ranged]
+        lo = np.array([bounds.get(n, (-np.inf, np.inf))[0] for n in block], dtype=np.float64)
+        hi = np.array([bounds.get(n, (-np.inf, np.inf))[1] for n in block], dtype=np.float64)
+        integer = np.array([i for i, f in enumerate(ranged) if f.kind == "integer"], dtype=np.intp)
+        om, threshold, in_block = profile.outlier, None, None
+        if om is not None:
+            om = om.without(c for c in om.columns if not rules[c].outlier)
+        if om is not None and policy.outlier_quantile is not None:
+            threshold = om.threshold(policy.outlier_quantile)
+            if set(om.columns) <= set(block):
+                in_block = np.array([block.index(c) for c in om.columns], dtype=np.intp)
+        return cls(rules, bounds, block, lo, hi, integer, om, threshold, in_block)
+
+
+def plan_for(profile: Profile, policy: Policy) -> CheckPlan:
+    """The (cached) ``CheckPlan`` of ``profile`` under ``policy``."""
+    # Kept on the profile instance (frozen, so its __dict__ directly): a plan lives exactly as
+    # long as its profile, and a hot path with one policy finds it with one dict lookup.
+    plans: dict[Policy, CheckPlan] = profile.__dict__.setdefault("_check_plans", {})
+    plan = plans.get(policy)
+    if plan is None:
+        plan = plans[policy] = CheckPlan.build(profile, policy)
+    return plan
+
+
 def check_batch(
     data: pd.DataFrame | Columns | Sequence[Mapping[str, Any]],
     profile: Profile,
@@ -128,6 +198,7 @@ def check_batch(
 ) -> Verdicts:
     """Check every row of ``data`` against ``profile`` under ``policy``."""
     policy = policy or Policy()
+    plan = plan_for(profile, policy)
     columns, n = as_columns(data)
     status = np.zeros(n, dtype=np.int8)
     flag_cols: list[np.ndarray] = []
@@ -148,22 +219,23 @@ def check_batch(
 
     # Numeric columns that hold nothing but plain numbers (the usual JSON request) are checked
     # as one matrix: a few numpy calls in all instead of several per column.
-    block = _numeric_block(columns, profile, policy.range_margin)
+    block = _numeric_block(columns, plan)
     in_block: dict[str, int] = {}
     has_null: list[bool] = []
     has_oor: list[bool] = []
     if block is not None:
-        names, matrix, nulls, out_of_range = block
-        in_block = {name: j for j, name in enumerate(names)}
+        matrix, nulls, out_of_range = block
+        in_block = {name: j for j, name in enumerate(plan.block)}
         has_null = np.asarray(nulls.any(axis=0)).tolist()
         has_oor = np.asarray(out_of_range.any(axis=0)).tolist()
-        for j, name in enumerate(names):
+        for j, name in enumerate(plan.block):
             coerced[name] = matrix[:, j]
 
     for fp in profile.features:
+        rules = plan.rules[fp.name]
         j = in_block.get(fp.name, -1)
         if j >= 0:
-            if policy.check_nulls and not fp.nullable and has_null[j]:
+            if rules.nulls and not fp.nullable and has_null[j]:
                 flag(f"{NULL_UNSEEN}:{fp.name}", nulls[:, j])
             if has_oor[j]:
                 flag(f"{OUT_OF_RANGE}:{fp.name}", out_of_range[:, j])
@@ -174,7 +246,7 @@ def check_batch(
             status[:] = REJECT
             coerced[fp.name] = _empty(fp, n)
             continue
-        values, null, bad = _coerce(raw, fp)
+        values, null, bad, why = _coerce(raw, fp)
         coerced[fp.name] = values
         if bad is not None and bad.any():
             status[bad] = REJECT
@@ -184,21 +256,20 @@ def check_batch(
                 got = raw_list[r]
                 problems.append(
                     Problem(
-                        "missing value" if got is _MISSING else "cannot convert",
+                        "missing value" if got is _MISSING else why if isinstance(why, str) else str(why[r]),
                         r,
                         fp.name,
-                        _EXPECTED[fp.kind],
+                        _expected(fp),
                         None if got is _MISSING else _show(got),
                     )
                 )
-        if policy.check_nulls and not fp.nullable:
+        if rules.nulls and not fp.nullable:
             flag(f"{NULL_UNSEEN}:{fp.name}", null if bad is None else null & ~bad)
         if fp.is_numeric:
-            if fp.count == 0:
-                continue
-            flag(f"{OUT_OF_RANGE}:{fp.name}",
-                 _out_of_range(values, float(fp.min or 0.0), float(fp.max or 0.0), policy.range_margin))
-        elif policy.check_categories:
+            bounds = plan.bounds.get(fp.name)
+            if bounds is not None:
+                flag(f"{OUT_OF_RANGE}:{fp.name}", _out_of_range(values, *bounds))
+        elif rules.categories and not fp.categories_truncated:
             known = _isin(values, fp) | null
             if bad is not None:
                 known |= bad
@@ -206,14 +277,17 @@ def check_batch(
             flag(f"{UNSEEN_CATEGORY}:{fp.name}", unseen)
 
     scores = None
-    om = profile.outlier
-    if om is not None and policy.outlier_quantile is not None and n:
-        if block is not None and om.columns == block[0]:
-            outlier_input = block[1]  # the same columns, already one matrix
+    om = plan.outlier
+    if om is not None and plan.outlier_threshold is not None and n:
+        if block is not None and plan.outlier_in_block is not None:
+            # The same columns, already one matrix.
+            idx = plan.outlier_in_block
+            whole = idx.size == block[0].shape[1] and bool((idx == np.arange(idx.size)).all())
+            outlier_input = block[0] if whole else block[0][:, idx]
         else:
             outlier_input = np.column_stack([coerced[c].astype(float, copy=False) for c in om.columns])
         scores = om.scores(outlier_input)
-        flag(OUTLIER, scores > om.threshold(policy.outlier_quantile))
+        flag(OUTLIER, scores > plan.outlier_threshold)
 
     flags = np.column_stack(flag_cols) if flag_cols else np.zeros((n, 0), dtype=bool)
     if flag_cols:
@@ -222,26 +296,26 @@ def check_batch(
         for col in flag_cols[1:]:
             flagged |= col
         status[flagged & (status != REJECT)] = FALLBACK
-    return Verdicts(status, flags, flag_names, coerced, problems, extra, scores)
+    datetimes = {f.name: f.timezone for f in profile.features if f.is_datetime}
+    return Verdicts(status, flags, flag_names, coerced, problems, extra, scores,
+                    datetime_columns=datetimes)
 
 
-def _out_of_range(values: np.ndarray, lo: Any, hi: Any, range_margin: float) -> np.ndarray:
-    """Values beyond [lo, hi] widened by ``range_margin`` of its width: one column with scalar
-    bounds, or a (rows x columns) matrix with a bound per column."""
-    if range_margin:
-        lo, hi = lo - range_margin * (hi - lo), hi + range_margin * (hi - lo)
+def _out_of_range(values: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
+    """Values beyond [lo, hi]: one column with scalar bounds, or a (rows x columns) matrix with
+    a bound per column."""
     oor = values < lo  # NaN compares False, without a warning
     oor |= values > hi
     return oor
 
 
-def _numeric_block(columns: Mapping[str, Any], profile: Profile, range_margin: float) -> tuple[
-        list[str], np.ndarray, np.ndarray, np.ndarray] | None:
-    """The profile's numeric columns (those with a training range) as one float64 matrix, with
-    its null and out-of-range masks, when every one of them is a list of plain int or float
-    values, integers whole: (names, matrix, nulls, out_of_range). None otherwise: the columns are
-    then checked one by one, which also names each problem."""
-    names, lo, hi = profile.numeric_ranges
+def _numeric_block(columns: Mapping[str, Any], plan: CheckPlan) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray] | None:
+    """The plan's block of numeric columns as one float64 matrix, with its null and
+    out-of-range masks, when every one of them is a list of plain int or float values, integers
+    whole: (matrix, nulls, out_of_range). None otherwise: the columns are then checked one by
+    one, which also names each problem."""
+    names = plan.block
     if len(names) < 2:
         return None
     raws = []
@@ -253,13 +327,13 @@ def _numeric_block(columns: Mapping[str, Any], profile: Profile, range_margin: f
     if not all(type(v) in _NUMBER_TYPES for raw in raws for v in raw):
         return None
     matrix = np.array(raws, dtype=np.float64).T
-    integer = profile.integer_columns
+    integer = plan.block_integer
     if integer.size:
         part = matrix[:, integer]
         with np.errstate(invalid="ignore"):
             if (np.isfinite(part) & (np.mod(part, 1.0) != 0)).any():
                 return None  # a fractional "integer": the per-column path names the rows
-    return names, matrix, np.isnan(matrix), _out_of_range(matrix, lo, hi, range_margin)
+    return matrix, np.isnan(matrix), _out_of_range(matrix, plan.block_lo, plan.block_hi)
 
 
 # -- coercion ----------------------------------------------------------------------------------
@@ -286,7 +360,16 @@ _EXPECTED = {
     "integer": "integer",
     "boolean": "boolean",
     "categorical": "string",
+    "datetime": "ISO 8601 datetime",
 }
+CANNOT_CONVERT = "cannot convert"
+
+
+def _expected(fp: FeatureProfile) -> str:
+    if fp.is_datetime:
+        return ("ISO 8601 datetime with a time zone" if fp.timezone
+                else "ISO 8601 datetime without a time zone")
+    return _EXPECTED[fp.kind]
 
 
 def _empty(fp: FeatureProfile, n: int) -> np.ndarray:
@@ -299,18 +382,25 @@ def _show(v: Any) -> Any:
     return repr(v)[:80]
 
 
-def _coerce(raw: Any, fp: FeatureProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(values, null mask, bad mask or None) for one column. Values of numeric kinds are float64
-    (NaN for null); of other kinds an object array of str (None for null)."""
+def _coerce(raw: Any, fp: FeatureProfile) -> tuple[Any, np.ndarray, np.ndarray | None, Any]:
+    """(values, null mask, bad mask or None, why) for one column. Values of numeric kinds are
+    float64 (NaN for null; datetimes in epoch seconds); of other kinds an object array of str
+    (None for null). ``why`` names the problem of the bad rows: one string, or one per row."""
+    if fp.is_datetime:
+        return _coerce_datetime(raw, fp.timezone is not None)
     if fp.is_numeric:
-        return _coerce_numeric(raw, fp.kind == "integer")
+        return (*_coerce_numeric(raw, fp.kind == "integer"), CANNOT_CONVERT)
     if fp.kind == "boolean":
-        return _coerce_boolean(raw)
-    return _coerce_categorical(raw)
+        return (*_coerce_boolean(raw), CANNOT_CONVERT)
+    return (*_coerce_categorical(raw), CANNOT_CONVERT)
 
 
 def _coerce_numeric(raw: Any, integer: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    arr = raw.to_numpy() if isinstance(raw, pd.Series) else raw
+    if isinstance(raw, pd.Series) and pd.api.types.is_numeric_dtype(raw.dtype) \
+            and not pd.api.types.is_bool_dtype(raw.dtype):
+        arr = raw.to_numpy(dtype=np.float64, na_value=np.nan)  # nullable Int64 and friends too
+    else:
+        arr = raw.to_numpy() if isinstance(raw, pd.Series) else raw
     if isinstance(arr, list) and all(type(v) in _NUMBER_TYPES for v in arr):
         arr = np.array(arr, dtype=np.float64)
     if isinstance(arr, np.ndarray) and arr.dtype.kind in "fiu":
@@ -396,8 +486,11 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
 
 def _coerce_boolean(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     s = raw if isinstance(raw, pd.Series) else pd.Series(_object_1d(raw), dtype=object)
-    if pd.api.types.is_bool_dtype(s.dtype):
-        return np.where(s.to_numpy(), "True", "False").astype(object), np.zeros(len(s), bool), None
+    if pd.api.types.is_bool_dtype(s.dtype):  # numpy bool, or pandas' nullable "boolean"
+        null = s.isna().to_numpy()
+        out = np.where(s.to_numpy(dtype=bool, na_value=False), "True", "False").astype(object)
+        out[null] = None
+        return out, null, None
     null = s.isna().to_numpy()
     text = s.astype(str).str.strip().str.lower()
     true, false = text.isin(_TRUE).to_numpy(), text.isin(_FALSE).to_numpy()
@@ -405,3 +498,79 @@ def _coerce_boolean(raw: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
     out[true], out[false] = "True", "False"
     bad = ~null & ~true & ~false
     return out, null, (bad if bad.any() else None)
+
+
+# -- datetimes ---------------------------------------------------------------------------------
+
+NAIVE_WHERE_AWARE = "naive datetime where training had time-zone-aware ones"
+AWARE_WHERE_NAIVE = "time-zone-aware datetime where training had naive ones"
+
+
+def _coerce_datetime(raw: Any, aware: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Any]:
+    """Epoch seconds (NaN for null) of a datetime column: a pandas datetime column, or ISO 8601
+    text and datetime objects. A value that is not a time, or naive where training was aware (or
+    the reverse), is bad; ``why`` then says which, per row."""
+    if isinstance(raw, pd.Series) and pd.api.types.is_datetime64_any_dtype(raw.dtype):
+        null = raw.isna().to_numpy()
+        values, _ = epoch_seconds(raw)
+        if (getattr(raw.dtype, "tz", None) is not None) == aware:
+            return values, null, None, CANNOT_CONVERT
+        return values, np.zeros(len(raw), bool), ~null, NAIVE_WHERE_AWARE if aware else AWARE_WHERE_NAIVE
+    obj = raw.to_numpy(dtype=object) if isinstance(raw, pd.Series) else _object_1d(raw)
+    missing = np.fromiter((v is _MISSING for v in obj), bool, len(obj))
+    if missing.any():
+        obj = obj.copy()
+        obj[missing] = None
+    null = pd.isna(obj) if obj.size else np.zeros(0, dtype=bool)
+    if len(obj) <= SMALL:
+        values, aware_mask = _parse_times_small(obj)
+    else:
+        values, aware_mask = _parse_times(obj)
+    unreadable = np.isnan(values) & ~null
+    mismatch = ~null & ~unreadable & (aware_mask != aware)
+    bad = unreadable | mismatch | missing
+    if not bad.any():
+        return values, null, None, CANNOT_CONVERT
+    why = np.where(mismatch, NAIVE_WHERE_AWARE if aware else AWARE_WHERE_NAIVE, CANNOT_CONVERT)
+    values = np.where(bad, np.nan, values)
+    return values, null & ~bad, bad, why
+
+
+def _parse_times_small(obj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch seconds, aware) per value, in plain Python: a few values parse faster so than
+    through pandas; what ``datetime.fromisoformat`` cannot read goes to pandas."""
+    values = np.full(len(obj), np.nan)
+    aware = np.zeros(len(obj), dtype=bool)
+    rest = []
+    for i, v in enumerate(obj):
+        t = v
+        if isinstance(v, str):
+            try:
+                t = datetime.fromisoformat(v)
+            except ValueError:
+                rest.append(i)
+                continue
+        if isinstance(t, datetime):
+            aware[i] = t.tzinfo is not None
+            values[i] = (t if aware[i] else t.replace(tzinfo=UTC)).timestamp()
+        elif isinstance(t, (date, np.datetime64)):
+            rest.append(i)
+    if rest:
+        values[rest], aware[rest] = _parse_times(obj[rest])
+    return values, aware
+
+
+def _parse_times(obj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch seconds, aware) per value, through pandas (ISO 8601 text, datetime objects)."""
+    is_time = np.fromiter((isinstance(v, (str, date, np.datetime64)) for v in obj), bool, len(obj))
+    kept = obj.copy()
+    kept[~is_time] = None  # a number is not a time here (pandas would read it as nanoseconds)
+    parsed = pd.to_datetime(pd.Series(kept, dtype=object), errors="coerce", utc=True, format="ISO8601")
+    values, _ = epoch_seconds(parsed)
+    return values, is_aware(kept)
+
+
+def _datetimes(seconds: np.ndarray, tz: str | None) -> pd.Series:
+    """Epoch seconds back to datetimes: in ``tz``, or naive (as the training column was)."""
+    t = pd.Series(pd.to_datetime(seconds, unit="s", utc=True))
+    return t.dt.tz_convert(tz) if tz else t.dt.tz_localize(None)

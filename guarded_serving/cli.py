@@ -53,7 +53,7 @@ def _chunks(df: pd.DataFrame, desc: str) -> Any:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .adapters import load_model
-    from .profile import build_profile
+    from .profile import DEFAULT_MAX_CATEGORIES, build_profile
 
     data = read_table(args.data)
     if args.target in data.columns and data[args.target].isna().any():
@@ -70,13 +70,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     with tqdm(total=1, desc="profiling", file=sys.stderr, disable=len(data) < 50_000) as bar:
         profile = build_profile(data, args.target, exclude=exclude, task=args.task,
                                 n_bins=args.bins, primary=primary, fallback=fallback,
-                                holdout=holdout, source=str(args.data))
+                                holdout=holdout, source=str(args.data),
+                                time_index=args.time_index or (),
+                                categorical=args.categorical or (),
+                                no_outlier=args.no_outlier or (),
+                                max_categories=args.max_categories or DEFAULT_MAX_CATEGORIES)
         bar.update()
     profile.save(args.out)
     kinds = Counter(f.kind for f in profile.features)
     print(f"profiled {profile.n_rows} rows, {len(profile.features)} features "
           f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); task {profile.task}; "
           f"wrote {args.out} ({profile.content_hash[:19]}...)")
+    if profile.time_index:
+        print(f"time index: {', '.join(profile.time_index)} (no range check, not in the outlier score, "
+              "no drift test)")
+    for f in profile.features:
+        if f.invalid_count:
+            shown = ", ".join(f"{v!r} ({c})" for v, c in f.invalid_values.items())
+            print(f"column {f.name!r} is {f.kind}: {f.invalid_count} value(s) that are not numbers were "
+                  f"left out of its profile ({shown}); serving rejects such values. Pass "
+                  f"--categorical {f.name} to treat it as categorical", file=sys.stderr)
+        if f.categories_truncated:
+            print(f"column {f.name!r} has more than {len(f.categories)} distinct values: the profile keeps "
+                  f"the {len(f.categories)} most frequent and counts {f.other_count} row(s) as other; "
+                  "its values are not checked against training's", file=sys.stderr)
     for role, metrics in profile.baseline.items():
         print(f"baseline {role}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
@@ -113,11 +130,25 @@ def cmd_fallback(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .checks import FALLBACK, OK, REJECT, check_batch
+    from .config import load_config
+    from .errors import ConfigError
     from .policy import Policy
     from .profile import Profile
 
-    profile = Profile.load(args.profile)
-    policy = Policy.from_dict(json.loads(args.policy)) if args.policy else Policy()
+    if not (args.config or args.profile):
+        raise ConfigError("check: give --config CONFIG (its profile and policy) or --profile PROFILE")
+    config = load_config(args.config) if args.config else None
+    profile = Profile.load(args.profile or config.profile)  # type: ignore[union-attr]
+    policy = config.policy if config else Policy()
+    if args.policy:
+        try:
+            overrides = json.loads(args.policy)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--policy is not valid JSON: {e}") from e
+        if not isinstance(overrides, dict):
+            raise ConfigError("--policy must be a JSON object of policy keys")
+        policy = Policy.from_dict({**_policy_keys(policy), **overrides}, time_index=policy.time_index)
+    policy = policy.with_time_index(args.time_index or ())
     data = read_table(args.data)
     totals = Counter[str]()
     reasons = Counter[str]()
@@ -157,6 +188,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if extra:
         print(f"\ncolumns not in the profile (ignored): {', '.join(sorted(extra))}")
     return 0
+
+
+def _policy_keys(policy: Any) -> dict[str, Any]:
+    """A policy as the keys of a ``policy:`` block (without its time index)."""
+    keys = policy.to_dict()
+    keys.pop("time_index")
+    return keys
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -288,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted", action="store_true", help="allow loading pickle/joblib models")
     p.add_argument("--from-export", action="store_true",
                    help="the data comes from `guarded-serving export`: skip its log columns")
+    p.add_argument("--time-index", nargs="+", metavar="COL",
+                   help="columns that are the time of a row (a date, a year): not range-checked, "
+                        "left out of the outlier score and the drift tests")
+    p.add_argument("--categorical", nargs="+", metavar="COL",
+                   help="profile these columns as categories, even if their values look like numbers")
+    p.add_argument("--no-outlier", nargs="+", metavar="COL",
+                   help="leave these columns out of the outlier score")
+    p.add_argument("--max-categories", type=int, metavar="N",
+                   help="keep the N most frequent values of a categorical column, the rest as other "
+                        "(default 200)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("fallback", help="train the interpretable fallback model and export it as ONNX")
@@ -308,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="count rows that pass, go to the fallback or are rejected")
     p.add_argument("data")
-    p.add_argument("--profile", required=True)
+    p.add_argument("--config", help="serving config: its profile, policy and time index apply")
+    p.add_argument("--profile", help="profile JSON (default: the config's)")
     p.add_argument("--policy", help='policy overrides as JSON, e.g. \'{"range_margin": 0.1}\'')
+    p.add_argument("--time-index", nargs="+", metavar="COL", help="columns that are the time of a row")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_check)
 

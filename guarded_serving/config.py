@@ -28,6 +28,7 @@ import yaml
 
 from .errors import ConfigError
 from .policy import Policy
+from .profile import Profile
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class ServingConfig:
     prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     source: Path | None = None
+    #: Columns that are the time of a row (see ``policy.Policy.time_index``).
+    time_index: tuple[str, ...] = ()
 
 
 _TOP_REQUIRED = ("name", "task", "primary", "fallback", "profile")
@@ -154,9 +157,11 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
     if not isinstance(policy_raw, dict):
         raise ConfigError("policy: must be a mapping")
     try:
-        policy = Policy.from_dict(policy_raw)
+        policy = Policy.from_dict(policy_raw, time_index=raw.get("time_index"))
+        if policy.features or policy.time_index:  # names must be the profile's features
+            policy.require_features(Profile.load(profile).feature_names)
     except ConfigError as e:
-        raise ConfigError(f"policy: {e.message}") from e
+        raise ConfigError(f"policy: {e.message}", e.problems) from e
     store = _section(raw, "store", StoreConfig)
     if not store.url:
         url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{base / 'guarded-serving.sqlite3'}"
@@ -185,6 +190,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
         prediction_log=_section(raw, "prediction_log", PredictionLogConfig),
         auth=_section(raw, "auth", AuthConfig),
         source=source,
+        time_index=policy.time_index,
     )
 
 

@@ -8,13 +8,22 @@ loaded (and validated) by every process that serves or monitors the model. Pure 
 >>> p = build_profile(df, target="y")
 >>> p.feature("x").max, sorted(p.feature("c").categories)
 (4.0, ['a', 'b'])
+
+Datetimes are profiled as epoch seconds (naive ones as if UTC), with their time zone recorded:
+
+>>> t = pd.DataFrame({"t": pd.date_range("2024-01-01", periods=4, freq="D", tz="UTC"), "y": [1.0] * 4})
+>>> f = build_profile(t, target="y").feature("t")
+>>> f.kind, f.timezone, f.min == pd.Timestamp("2024-01-01", tz="UTC").timestamp()
+('datetime', 'UTC', True)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -24,20 +33,36 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .errors import ProfileError
+from .errors import Problem, ProfileError
 from .policy import OUTLIER_QUANTILES
 
 if TYPE_CHECKING:
     from .adapters.base import Model
 
+log = logging.getLogger(__name__)
+
 FORMAT = "guarded-serving/profile"
-VERSION = 1
+#: Version 2 added datetime features, ``time_index``, and the ``timezone``, ``other_count`` and
+#: ``invalid_*`` fields of a feature; version 1 profiles load with those at their defaults.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 DEFAULT_BINS = 20
+#: A categorical column keeps its most frequent values up to this many; the rest are counted
+#: together as "other" (so a column of user ids keeps the profile small).
+DEFAULT_MAX_CATEGORIES = 200
+#: A text column is numeric when at least this share of its non-null values reads as a number;
+#: the rest are reported as invalid (``invalid_count``, ``invalid_values``), never silently
+#: turning the column categorical. ``categorical=`` forces such a column categorical.
+NUMERIC_LOOKING_SHARE = 0.95
+#: How many invalid values a feature profile keeps as examples.
+INVALID_EXAMPLES = 5
 
-Kind = Literal["numeric", "integer", "boolean", "categorical"]
-KINDS: tuple[str, ...] = ("numeric", "integer", "boolean", "categorical")
-NUMERIC_KINDS = ("numeric", "integer")
+Kind = Literal["numeric", "integer", "boolean", "categorical", "datetime"]
+KINDS: tuple[str, ...] = ("numeric", "integer", "boolean", "categorical", "datetime")
+#: Kinds whose values are numbers to the checks and drift (datetimes as epoch seconds): they have
+#: a range, quantiles and histogram bins.
+NUMERIC_KINDS = ("numeric", "integer", "datetime")
 
 
 def _f(x: Any) -> float | None:
@@ -71,6 +96,14 @@ class FeatureProfile:
     bin_edges: list[float] = field(default_factory=list)
     bin_counts: list[int] = field(default_factory=list)
     categories: dict[str, int] = field(default_factory=dict)
+    #: Datetime features: the training values' time zone ("UTC", "America/Chicago"), or None for
+    #: naive timestamps. Live values must be aware exactly when training's were.
+    timezone: str | None = None
+    #: Categorical features: training values beyond the ``DEFAULT_MAX_CATEGORIES`` most frequent.
+    other_count: int = 0
+    #: Numeric features read from text: values that were not numbers (left out of the statistics).
+    invalid_count: int = 0
+    invalid_values: dict[str, int] = field(default_factory=dict)
 
     @property
     def nullable(self) -> bool:
@@ -79,7 +112,18 @@ class FeatureProfile:
 
     @property
     def is_numeric(self) -> bool:
+        """Numbers to the checks and drift (datetimes as epoch seconds)."""
         return self.kind in NUMERIC_KINDS
+
+    @property
+    def is_datetime(self) -> bool:
+        return self.kind == "datetime"
+
+    @property
+    def categories_truncated(self) -> bool:
+        """Whether training had more distinct values than the profile keeps: a value not among
+        them may still have been seen, so it is not flagged as unseen."""
+        return self.other_count > 0
 
     @cached_property
     def category_set(self) -> frozenset[str]:
@@ -102,8 +146,15 @@ class FeatureProfile:
                 bin_edges=self.bin_edges,
                 bin_counts=self.bin_counts,
             )
+            if self.is_datetime:
+                d["timezone"] = self.timezone
+                d["min_time"], d["max_time"] = _iso(self.min, self.timezone), _iso(self.max, self.timezone)
+            if self.invalid_count:
+                d["invalid_count"], d["invalid_values"] = self.invalid_count, self.invalid_values
         else:
             d["categories"] = self.categories
+            if self.other_count:
+                d["other_count"] = self.other_count
         return d
 
     @classmethod
@@ -124,6 +175,10 @@ class FeatureProfile:
             bin_edges=[float(x) for x in d.get("bin_edges") or []],
             bin_counts=[int(x) for x in d.get("bin_counts") or []],
             categories={str(k): int(v) for k, v in (d.get("categories") or {}).items()},
+            timezone=None if d.get("timezone") is None else str(d["timezone"]),
+            other_count=int(d.get("other_count", 0)),
+            invalid_count=int(d.get("invalid_count", 0)),
+            invalid_values={str(k): int(v) for k, v in (d.get("invalid_values") or {}).items()},
         )
         if fp.is_numeric and fp.count > 0:
             if fp.min is None or fp.max is None:
@@ -157,6 +212,39 @@ class OutlierModel:
 
     def threshold(self, quantile: float) -> float:
         return self.score_quantiles[_qkey(quantile)]
+
+    def without(self, columns: Iterable[str]) -> OutlierModel | None:
+        """The score over the other columns only (None if fewer than one is left).
+
+        The precision of the remaining columns is the inverse of their block of the covariance
+        (the marginal distribution, not the conditional one). Its training quantiles are not
+        known without the training data, so each is scaled by the ratio of the chi-square
+        quantiles (score^2 of k Gaussian features follows chi2(k)): an approximation that
+        ``profile --time-index`` (or ``--no-outlier``) avoids by leaving the column out at fit time.
+        """
+        drop = set(columns) & set(self.columns)
+        if not drop:
+            return self
+        keep = [i for i, c in enumerate(self.columns) if c not in drop]
+        if not keep:
+            return None
+        from scipy.stats import chi2
+
+        cov = np.linalg.pinv(np.asarray(self.precision))
+        precision = np.linalg.pinv(cov[np.ix_(keep, keep)])
+        k, k2 = len(self.columns), len(keep)
+        quantiles = {}
+        for key, v in self.score_quantiles.items():
+            q = float(key)
+            quantiles[key] = v * math.sqrt(chi2.ppf(q, k2) / chi2.ppf(q, k))
+        return OutlierModel(
+            columns=[self.columns[i] for i in keep],
+            center=[self.center[i] for i in keep],
+            scale=[self.scale[i] for i in keep],
+            precision=[[float(x) for x in row] for row in precision],
+            shrinkage=self.shrinkage,
+            score_quantiles=quantiles,
+        )
 
     def scores(self, matrix: np.ndarray) -> np.ndarray:
         """Scores of an (n_rows, n_columns) float matrix whose columns follow ``columns``."""
@@ -217,6 +305,12 @@ class Profile:
     baseline: dict[str, dict[str, float]] = field(default_factory=dict)
     created_at: str = ""
     source: str = ""
+    #: Columns that are the time of a row (``profile --time-index``): profiled like any feature,
+    #: left out of the outlier model, and under the time-index rules of ``policy.Policy``.
+    time_index: list[str] = field(default_factory=list)
+    #: The format version the profile was read from (it is written back in the same version, so
+    #: its content hash, which drift states refer to, does not change).
+    version: int = VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {f.name: f for f in self.features})
@@ -224,19 +318,6 @@ class Profile:
     @property
     def feature_names(self) -> list[str]:
         return [f.name for f in self.features]
-
-    @cached_property
-    def numeric_ranges(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(names, minima, maxima) of the numeric features that have a training range."""
-        ranged = [f for f in self.features if f.is_numeric and f.count]
-        return ([f.name for f in ranged], np.array([float(f.min or 0.0) for f in ranged]),
-                np.array([float(f.max or 0.0) for f in ranged]))
-
-    @cached_property
-    def integer_columns(self) -> np.ndarray:
-        """Positions of the integer features in ``numeric_ranges``' names."""
-        names = self.numeric_ranges[0]
-        return np.array([i for i, n in enumerate(names) if self.feature(n).kind == "integer"], dtype=np.intp)
 
     def feature(self, name: str) -> FeatureProfile:
         try:
@@ -249,7 +330,7 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": self.version,
             "created_at": self.created_at,
             "source": self.source,
             "target": self.target,
@@ -263,6 +344,8 @@ class Profile:
             ),
             "baseline": self.baseline,
         }
+        if self.version >= 2:
+            body["time_index"] = self.time_index
         body["content_hash"] = content_hash(body)
         return body
 
@@ -283,10 +366,10 @@ class Profile:
                 f"not a guarded-serving profile (format is {d.get('format')!r}, expected {FORMAT!r})"
             )
         version = d.get("version")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ProfileError(
                 f"profile version {version!r} is not supported (this guarded-serving reads "
-                f"version {VERSION}); rebuild it with `guarded-serving profile`"
+                f"versions {list(READABLE_VERSIONS)}); rebuild it with `guarded-serving profile`"
             )
         _require(d, ("target", "task", "n_rows", "features", "content_hash"), "profile")
         expected = content_hash(d)
@@ -307,6 +390,10 @@ class Profile:
         outlier = OutlierModel.from_dict(d["outlier"]) if d.get("outlier") else None
         if outlier and set(outlier.columns) - set(names):
             raise ProfileError("outlier.columns names features the profile does not have")
+        time_index = [str(c) for c in d.get("time_index") or []]
+        if set(time_index) - set(names):
+            raise ProfileError(f"profile.time_index names columns that are not features: "
+                               f"{sorted(set(time_index) - set(names))}")
         return cls(
             features=features,
             target=str(d["target"]),
@@ -329,6 +416,8 @@ class Profile:
             },
             created_at=str(d.get("created_at", "")),
             source=str(d.get("source", "")),
+            time_index=time_index,
+            version=int(version),
         )
 
     @classmethod
@@ -368,11 +457,25 @@ def _qkey(q: float) -> str:
     return repr(float(q))
 
 
+def _iso(seconds: float | None, timezone: str | None) -> str | None:
+    """An epoch-seconds value as ISO 8601, in ``timezone`` (naive if None)."""
+    if seconds is None:
+        return None
+    ts = pd.Timestamp(seconds, unit="s", tz="UTC")
+    return (ts.tz_convert(timezone) if timezone else ts.tz_localize(None)).isoformat()
+
+
 # -- building ----------------------------------------------------------------------------------
+
+_AWARE_TEXT = r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$"  # an ISO 8601 time with a zone designator
 
 
 def infer_kind(series: pd.Series) -> Kind:
-    """The logical type of a training column, from its dtype."""
+    """The logical type of a training column, from its dtype (and, for text, its values).
+
+    A text column whose values read as numbers (at least ``NUMERIC_LOOKING_SHARE`` of them) is
+    numeric, one whose values all read as ISO 8601 times is a datetime; any other is categorical.
+    """
     dtype = series.dtype
     if pd.api.types.is_bool_dtype(dtype):
         return "boolean"
@@ -384,32 +487,128 @@ def infer_kind(series: pd.Series) -> Kind:
             # pandas turns an integer column with nulls into float; keep its integer nature.
             return "integer"
         return "numeric"
-    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return "datetime"
+    if pd.api.types.is_timedelta64_dtype(dtype):
         raise ProfileError(
-            f"column {series.name!r} is a datetime; datetimes are not supported yet: derive "
-            "numeric features from it or pass --exclude"
+            f"column {series.name!r} is a timedelta; durations are not supported: convert it to "
+            "seconds (a number) or pass --exclude"
         )
+    if isinstance(dtype, pd.CategoricalDtype):
+        return "categorical"
+    values = series.dropna()
+    if values.empty:
+        return "categorical"
+    inferred = pd.api.types.infer_dtype(values, skipna=True)
+    if inferred == "boolean":
+        return "boolean"
+    if inferred in ("datetime", "datetime64", "date"):
+        return "datetime"
+    numbers = _as_numbers(values)
+    parsed = np.isfinite(numbers)
+    if parsed.mean() >= NUMERIC_LOOKING_SHARE:
+        return "integer" if np.all(np.mod(numbers[parsed], 1) == 0) else "numeric"
+    if inferred == "string" and _looks_like_datetimes(values):
+        return "datetime"
     return "categorical"
 
 
+def _as_numbers(values: pd.Series) -> np.ndarray:
+    """Values as float64, NaN where one is not a number (booleans are not numbers here)."""
+    obj = values.to_numpy(dtype=object)
+    isbool = np.fromiter((isinstance(v, (bool, np.bool_)) for v in obj), bool, len(obj))
+    if isbool.any():
+        obj = obj.copy()
+        obj[isbool] = None
+    return pd.to_numeric(pd.Series(obj, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _looks_like_datetimes(values: pd.Series) -> bool:
+    sample = values.iloc[:1000].astype(str)
+    if not sample.str.match(r"\d{4}-\d\d").all():
+        return False
+    parsed = pd.to_datetime(sample, errors="coerce", utc=True, format="ISO8601")
+    return bool(parsed.notna().all())
+
+
+def epoch_seconds(series: pd.Series, name: str | None = None) -> tuple[np.ndarray, str | None]:
+    """A datetime column as float64 epoch seconds (NaN for null) and its time zone (None for naive
+    timestamps, read as if UTC). Text and datetime objects are parsed as ISO 8601; a column that
+    mixes naive and aware timestamps, or holds a value that is not a time, is a ProfileError
+    naming the column and the first such row."""
+    name = str(series.name if name is None else name)
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        tz = getattr(series.dtype, "tz", None)
+        s = series.dt.tz_convert("UTC").dt.tz_localize(None) if tz is not None else series
+        arr = s.to_numpy(dtype="datetime64[us]")
+        out = arr.astype(np.int64).astype(np.float64) / 1e6
+        out[np.isnat(arr)] = np.nan
+        return out, (None if tz is None else str(tz))
+    obj = series.to_numpy(dtype=object)
+    null = pd.isna(obj)
+    aware = is_aware(obj)
+    if aware.any() and (~aware & ~null).any():
+        row = int(np.flatnonzero(~aware & ~null)[0])
+        raise ProfileError(
+            f"column {name!r} mixes naive and time-zone-aware timestamps (row {row}: "
+            f"{obj[row]!r} has no time zone, row {int(np.flatnonzero(aware)[0])} has one); "
+            "make them all one or the other",
+            [Problem("naive and aware timestamps mixed", row, name, "one kind of timestamp",
+                     str(obj[row]))],
+        )
+    parsed = pd.to_datetime(pd.Series(obj, dtype=object), errors="coerce", utc=True, format="ISO8601")
+    bad = parsed.isna().to_numpy() & ~null
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ProfileError(f"column {name!r} row {row}: {obj[row]!r} is not a date or time",
+                           [Problem("cannot convert", row, name, "ISO 8601 datetime", str(obj[row]))])
+    tz = None
+    if aware.any():
+        first = obj[int(np.flatnonzero(aware)[0])]
+        tz = str(getattr(first, "tzinfo", None) or "UTC")
+    seconds, _ = epoch_seconds(parsed, name)
+    return seconds, tz
+
+
+def is_aware(obj: np.ndarray) -> np.ndarray:
+    """Per value: a time-zone-aware timestamp (an object with a tzinfo, or text with a zone)."""
+    text = pd.Series(obj, dtype=object).str.contains(_AWARE_TEXT, regex=True, na=False).to_numpy(dtype=bool)
+    objs = np.fromiter((getattr(v, "tzinfo", None) is not None for v in obj), bool, len(obj))
+    return text | objs
+
+
 def profile_feature(series: pd.Series, name: str, kind: Kind | None = None,
-                    n_bins: int = DEFAULT_BINS) -> FeatureProfile:
+                    n_bins: int = DEFAULT_BINS,
+                    max_categories: int = DEFAULT_MAX_CATEGORIES) -> FeatureProfile:
     """Profile one column."""
     kind = kind or infer_kind(series)
-    null_mask = series.isna().to_numpy()
+    null_mask = np.asarray(series.isna().to_numpy(), dtype=bool)
+    invalid_count, invalid_values, timezone = 0, {}, None
+    if kind == "datetime":
+        x, timezone = epoch_seconds(series, name)
+    elif kind in NUMERIC_KINDS:
+        x = _as_numbers(series) if series.dtype == object or pd.api.types.is_string_dtype(series.dtype) \
+            else series.to_numpy(dtype=np.float64, na_value=np.nan)
+        invalid = np.isnan(x) & ~null_mask
+        if invalid.any():
+            invalid_count = int(invalid.sum())
+            counts = series[invalid].astype(str).value_counts().iloc[:INVALID_EXAMPLES]
+            invalid_values = {str(k): int(v) for k, v in counts.items()}
+            log.warning("column %r is numeric; %d value(s) that are not numbers were left out: %s",
+                        name, invalid_count, invalid_values)
     null_count = int(null_mask.sum())
-    count = int(len(series) - null_count)
+    count = int(len(series) - null_count - invalid_count)
     if kind in NUMERIC_KINDS:
-        x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
         x = x[~np.isnan(x)]
         if x.size == 0:
-            return FeatureProfile(name, kind, 0, null_count)
+            return FeatureProfile(name, kind, 0, null_count, timezone=timezone,
+                                  invalid_count=invalid_count, invalid_values=invalid_values)
         qs = np.quantile(x, QUANTILES)
         edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_bins + 1)))
         if edges.size < 2:  # a constant column: one bin around the value
             edges = np.array([edges[0], np.nextafter(edges[0], np.inf)])
         idx = np.clip(np.searchsorted(edges[1:-1], x, side="right"), 0, edges.size - 2)
-        counts = np.bincount(idx, minlength=edges.size - 1)
+        counts_b = np.bincount(idx, minlength=edges.size - 1)
         return FeatureProfile(
             name=name,
             kind=kind,
@@ -421,26 +620,49 @@ def profile_feature(series: pd.Series, name: str, kind: Kind | None = None,
             std=float(x.std()),
             quantiles={_qkey(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
             bin_edges=[float(e) for e in edges],
-            bin_counts=[int(c) for c in counts],
+            bin_counts=[int(c) for c in counts_b],
+            timezone=timezone,
+            invalid_count=invalid_count,
+            invalid_values=invalid_values,
         )
     values = series[~null_mask]
     if kind == "boolean":
         values = values.astype(bool)
     counts_s = values.astype(str).value_counts()
+    kept = counts_s.iloc[:max_categories]
     return FeatureProfile(
         name=name,
         kind=kind,
         count=count,
         null_count=null_count,
-        categories={str(k): int(v) for k, v in counts_s.items()},
+        categories={str(k): int(v) for k, v in kept.items()},
+        other_count=int(counts_s.iloc[max_categories:].sum()),
     )
 
 
-def fit_outlier_model(df: pd.DataFrame, columns: list[str]) -> OutlierModel | None:
-    """Fit the robust, shrunk Mahalanobis model over ``columns`` (None if fewer than 2 rows)."""
-    x = df[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    if x.shape[0] < 2 or not columns:
+def feature_matrix(data: pd.DataFrame, features: Sequence[FeatureProfile]) -> np.ndarray:
+    """The numeric and datetime ``features`` of ``data`` as one float64 matrix (datetimes in
+    epoch seconds, anything unreadable NaN)."""
+    cols = []
+    for f in features:
+        s = data[f.name]
+        if f.is_datetime:
+            cols.append(epoch_seconds(s, f.name)[0])
+        elif s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+            cols.append(_as_numbers(s))
+        else:
+            cols.append(s.to_numpy(dtype=np.float64, na_value=np.nan))
+    return np.column_stack(cols) if cols else np.zeros((len(data), 0))
+
+
+def fit_outlier_model(df: pd.DataFrame, columns: list[str],
+                      features: Sequence[FeatureProfile] | None = None) -> OutlierModel | None:
+    """Fit the robust, shrunk Mahalanobis model over ``columns`` (None if fewer than 2 rows).
+    ``features`` (their profiles) say how to read them; by default they are read as numbers."""
+    if df.shape[0] < 2 or not columns:
         return None
+    by_name = {f.name: f for f in features or []}
+    x = feature_matrix(df, [by_name.get(c) or FeatureProfile(c, "numeric", 0, 0) for c in columns])
     center = np.nanmedian(x, axis=0)
     q75, q25 = np.nanpercentile(x, [75, 25], axis=0)
     scale = (q75 - q25) / 1.349
@@ -501,11 +723,18 @@ def build_profile(
     fallback: Model | None = None,
     holdout: pd.DataFrame | None = None,
     source: str = "",
+    time_index: Sequence[str] = (),
+    categorical: Sequence[str] = (),
+    no_outlier: Sequence[str] = (),
+    max_categories: int = DEFAULT_MAX_CATEGORIES,
 ) -> Profile:
     """Profile ``data`` (features are every column but ``target`` and ``exclude``).
 
     With ``primary``, the profile records its prediction distribution on ``data``; with
     ``holdout`` too, the baseline metrics of the primary and of the ``fallback`` on that split.
+    ``time_index`` columns are the time of a row (see ``Profile.time_index``); ``categorical``
+    columns are profiled as categories whatever their values look like; ``no_outlier`` columns
+    (and the time index) are left out of the outlier model.
     """
     if target not in data.columns:
         raise ProfileError(f"target column {target!r} is not in the data (columns: {list(data.columns)})")
@@ -517,11 +746,20 @@ def build_profile(
     feature_cols = [c for c in data.columns if c != target and c not in set(exclude)]
     if not feature_cols:
         raise ProfileError("no feature columns left to profile")
+    for option, cols in (("--time-index", time_index), ("--categorical", categorical),
+                         ("--no-outlier", no_outlier)):
+        unknown = [c for c in cols if c not in feature_cols]
+        if unknown:
+            raise ProfileError(f"{option} names columns that are not features: {unknown} "
+                               f"(features: {[str(c) for c in feature_cols]})")
     task = task or infer_task(data[target])
     if task not in ("regression", "classification"):
         raise ProfileError(f"task must be 'regression' or 'classification', got {task!r}")
-    features = [profile_feature(data[c], str(c), n_bins=n_bins) for c in feature_cols]
-    numeric = [f.name for f in features if f.is_numeric and (f.std or 0) > 0]
+    features = [profile_feature(data[c], str(c), "categorical" if c in categorical else None,
+                                n_bins, max_categories) for c in feature_cols]
+    left_out = {*time_index, *no_outlier}
+    numeric = [f.name for f in features
+               if f.is_numeric and (f.std or 0) > 0 and f.name not in left_out]
     target_kind: Kind = "numeric" if task == "regression" else "categorical"
     target_profile = profile_feature(data[target], target, target_kind, n_bins)
     prediction_profile = None
@@ -542,10 +780,11 @@ def build_profile(
         target=target,
         task=task,
         n_rows=int(len(data)),
-        outlier=fit_outlier_model(data, numeric),
+        outlier=fit_outlier_model(data, numeric, features),
         target_profile=target_profile,
         prediction_profile=prediction_profile,
         baseline=baseline,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         source=source,
+        time_index=[str(c) for c in time_index],
     )

@@ -156,10 +156,11 @@ def test_json_rows_and_dataframes_get_the_same_verdicts(policy: Policy) -> None:
     plain = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
     with_nan = [dict(r, a=float("nan") if r["a"] is None else r["a"],
                      opt=float("nan") if r["opt"] is None else r["opt"]) for r in plain]
-    from guarded_serving.checks import _numeric_block, as_columns
+    from guarded_serving.checks import _numeric_block, as_columns, plan_for
 
-    assert _numeric_block(as_columns(with_nan)[0], prof, 0.0) is not None
-    assert _numeric_block(as_columns(plain)[0], prof, 0.0) is None
+    plan = plan_for(prof, policy)
+    assert _numeric_block(as_columns(with_nan)[0], plan) is not None
+    assert _numeric_block(as_columns(plain)[0], plan) is None
     by_frame = check_batch(live, prof, policy)
     for batch in (plain, with_nan):  # None in a numeric column: per column; NaN: the matrix path
         by_rows = check_batch(batch, prof, policy)

@@ -224,7 +224,7 @@ def test_evaluate_output_is_json_and_has_the_promised_shape(profile: Profile, pr
     out = evaluate(state_of(profile, serve().iloc[:3000], primary, now=5.0), profile, th)
     json.dumps(out, allow_nan=False)
     assert set(out) == {"status", "rows", "min_rows", "window", "correction", "thresholds",
-                        "features", "prediction"}
+                        "features", "skipped", "prediction"}
     assert out["correction"] == "bonferroni" and out["thresholds"]["psi_drift"] == 0.25
     assert out["window"] == {"start": 5.0, "end": 5.0, "rows": 3000}
     f = out["features"][0]

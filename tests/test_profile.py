@@ -91,9 +91,9 @@ def test_kinds_nulls_and_booleans() -> None:
     assert p.task == "classification"
 
 
-def test_datetime_and_unknown_target_are_clear_errors() -> None:
+def test_unknown_target_and_durations_are_clear_errors() -> None:
     df = pd.DataFrame({"t": pd.date_range("2024-01-01", periods=3), "y": [1.0, 2.0, 3.0]})
-    with pytest.raises(ProfileError, match="datetime"):
-        build_profile(df, "y")
     with pytest.raises(ProfileError, match="target column 'nope'"):
         build_profile(df, "nope")
+    with pytest.raises(ProfileError, match="timedelta"):
+        build_profile(df.assign(t=df.t - df.t.min()), "y")

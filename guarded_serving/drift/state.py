@@ -2,7 +2,8 @@
 
 A ``DriftState`` holds, per feature, one count per bucket of the profile (numeric: below the
 training minimum, the profile's B bins, above the training maximum; categorical and boolean: each
-training category in profile order, then "unseen"), plus nulls, and the same for the primary
+training category in profile order, then "unseen" or, for a column whose profile kept only its
+most frequent values, "other"), plus nulls; datetimes count as epoch seconds, and the same for the primary
 model's predictions. Its size depends on the features and bins only, never on the rows counted, so
 a worker can keep one in memory, flush it as JSON and start again; states of the same profile add
 up with ``merge``. Pure numpy/pandas.
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..profile import FeatureProfile, Profile
+from ..profile import FeatureProfile, Profile, epoch_seconds
 
 FORMAT = "guarded-serving/drift-state"
 VERSION = 1
@@ -368,6 +369,8 @@ def _category_buckets(slot: _Slot, values: Any) -> list[tuple[int, int]]:
 def _as_float(values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype == np.float64:
         return values
+    if pd.api.types.is_datetime64_any_dtype(getattr(values, "dtype", None)):
+        return epoch_seconds(pd.Series(values, copy=False))[0]  # the profile's bins are in seconds
     if isinstance(values, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)):
         return values.to_numpy(dtype=np.float64, na_value=np.nan)
     return np.asarray(values, dtype=np.float64)

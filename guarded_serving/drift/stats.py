@@ -5,6 +5,8 @@ costs the same whatever its size. Per feature: Pearson's chi-square goodness-of-
 live counts against the training proportions (taken as known: the training set is large), PSI,
 Jensen-Shannon distance and, for numeric features, the Wasserstein distance between the binned
 distributions; then a multiple-testing correction over the features. Pure numpy/scipy.
+The serving policy can test a feature by PSI alone (``drift_test: psi``) or not at all
+(``drift: false``, and by default the time index): such features are listed under ``skipped``.
 
 >>> from guarded_serving.profile import build_profile
 >>> from guarded_serving.drift.state import DriftState
@@ -27,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import chdtrc
 
+from ..policy import DriftTest, Policy
 from ..profile import FeatureProfile, Profile
 from .state import DriftState, FeatureCounts
 
@@ -80,6 +83,10 @@ class DriftThresholds:
     psi_drift: float = 0.25
     correction: Literal["holm", "bonferroni", "none"] = "holm"
     min_rows: int = 200
+    #: The serving policy: which features are tested and how (``drift`` and ``drift_test`` of
+    #: ``policy.features``, the time index). None: the default policy, under which the
+    #: profile's time index is not tested.
+    policy: Policy | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.p_value < 1:
@@ -104,6 +111,8 @@ class _Reference:
 
 
 def _reference(fp: FeatureProfile) -> _Reference:
+    """Training counts per bucket; a categorical column that kept only its most frequent values
+    puts the rest in the "(other)" bucket, where live values outside them are counted."""
     if fp.is_numeric:
         if not fp.bin_counts or fp.min is None or fp.max is None:
             return _Reference(np.array([0, 0, fp.null_count], dtype=float),
@@ -116,11 +125,12 @@ def _reference(fp: FeatureProfile) -> _Reference:
         positions = np.concatenate(([fp.min], (e[:-1] + e[1:]) / 2, [fp.max]))
         return _Reference(counts, labels, positions)
     cats = list(fp.categories)
-    counts = np.array([*fp.categories.values(), 0, fp.null_count], dtype=float)
-    return _Reference(counts, [*cats, "(unseen)", "(null)"], None)
+    counts = np.array([*fp.categories.values(), fp.other_count, fp.null_count], dtype=float)
+    rest = "(other)" if fp.categories_truncated else "(unseen)"
+    return _Reference(counts, [*cats, rest, "(null)"], None)
 
 
-def _compare(fp: FeatureProfile, live: FeatureCounts) -> dict[str, Any]:
+def _compare(fp: FeatureProfile, live: FeatureCounts, test: DriftTest = "chi2") -> dict[str, Any]:
     """Every statistic of one feature (no verdict yet)."""
     ref = _reference(fp)
     obs = np.append(live.counts, live.nulls).astype(float)
@@ -135,7 +145,7 @@ def _compare(fp: FeatureProfile, live: FeatureCounts) -> dict[str, Any]:
         "name": fp.name,
         "kind": fp.kind,
         "status": INSUFFICIENT,
-        "test": "chi2",
+        "test": test,
         "statistic": None,
         "p_value": None,
         "p_value_corrected": None,
@@ -239,6 +249,8 @@ def _correct(p: list[float], method: str) -> list[float]:
 
 
 def _verdict(f: dict[str, Any], th: DriftThresholds) -> str:
+    if f["test"] == "psi":  # effect size alone
+        return DRIFT if f["psi"] >= th.psi_drift else WARN if f["psi"] >= th.psi_warn else OK
     significant = f["p_value_corrected"] < th.p_value
     if significant and f["psi"] >= th.psi_warn:
         return DRIFT
@@ -250,8 +262,11 @@ def _verdict(f: dict[str, Any], th: DriftThresholds) -> str:
 def _judge(results: list[dict[str, Any]], th: DriftThresholds, correction: str) -> None:
     """Correct the p-values of the testable results in place and give each its status."""
     testable = [f for f in results if f["p_value"] is not None and f["live_rows"] >= th.min_rows]
-    for f, pc in zip(testable, _correct([f["p_value"] for f in testable], correction), strict=True):
+    # Only the chi-square tests form the family that the correction is over.
+    family = [f for f in testable if f["test"] == "chi2"]
+    for f, pc in zip(family, _correct([f["p_value"] for f in family], correction), strict=True):
         f["p_value_corrected"] = float(pc)
+    for f in testable:
         f["status"] = _verdict(f, th)
 
 
@@ -263,7 +278,11 @@ def evaluate(state: DriftState, profile: Profile,
     if state.profile_hash != profile.content_hash:
         raise ValueError(f"drift state of profile {state.profile_hash} evaluated against profile "
                          f"{profile.content_hash}")
-    features = [_compare(fp, state.feature(fp.name)) for fp in profile.features]
+    policy = th.policy or Policy()
+    rules = {fp.name: policy.rules(fp.name, profile.time_index) for fp in profile.features}
+    skipped = [fp.name for fp in profile.features if not rules[fp.name].drift]
+    features = [_compare(fp, state.feature(fp.name), rules[fp.name].drift_test)
+                for fp in profile.features if rules[fp.name].drift]
     prediction = None
     pp, live_pred = profile.prediction_profile, state.prediction
     if pp is not None and live_pred is not None:
@@ -281,7 +300,8 @@ def evaluate(state: DriftState, profile: Profile,
         "min_rows": th.min_rows,
         "window": {"start": state.first_ts, "end": state.last_ts, "rows": int(state.rows)},
         "correction": th.correction,
-        "thresholds": asdict(th),
+        "thresholds": {k: v for k, v in asdict(th).items() if k != "policy"},
         "features": features,
+        "skipped": skipped,
         "prediction": prediction,
     }
