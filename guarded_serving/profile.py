@@ -51,6 +51,9 @@ DEFAULT_BINS = 20
 #: A categorical column keeps its most frequent values up to this many; the rest are counted
 #: together as "other" (so a column of user ids keeps the profile small).
 DEFAULT_MAX_CATEGORIES = 200
+#: A column with more distinct values than that keeps only those with at least this many rows
+#: (and at least 1/max_categories of them).
+MIN_KEPT_COUNT = 20
 #: A text column is numeric when at least this share of its non-null values reads as a number;
 #: the rest are reported as invalid (``invalid_count``, ``invalid_values``), never silently
 #: turning the column categorical. ``categorical=`` forces such a column categorical.
@@ -467,7 +470,8 @@ def _iso(seconds: float | None, timezone: str | None) -> str | None:
 
 # -- building ----------------------------------------------------------------------------------
 
-_AWARE_TEXT = r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$"  # an ISO 8601 time with a zone designator
+# An ISO 8601 time of day followed by a zone designator ("2024-01-01" alone has no zone).
+_AWARE_TEXT = r"[T ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?\s*(?:[Zz]|[+-]\d\d(?::?\d\d)?)$"
 
 
 def infer_kind(series: pd.Series) -> Kind:
@@ -572,9 +576,12 @@ def epoch_seconds(series: pd.Series, name: str | None = None) -> tuple[np.ndarra
 
 def is_aware(obj: np.ndarray) -> np.ndarray:
     """Per value: a time-zone-aware timestamp (an object with a tzinfo, or text with a zone)."""
-    text = pd.Series(obj, dtype=object).str.contains(_AWARE_TEXT, regex=True, na=False).to_numpy(dtype=bool)
-    objs = np.fromiter((getattr(v, "tzinfo", None) is not None for v in obj), bool, len(obj))
-    return text | objs
+    out = np.fromiter((getattr(v, "tzinfo", None) is not None for v in obj), bool, len(obj))
+    text = np.fromiter((isinstance(v, str) for v in obj), bool, len(obj))
+    if text.any():
+        zoned = pd.Series(obj[text], dtype=object).str.contains(_AWARE_TEXT, regex=True)
+        out[text] = zoned.to_numpy(dtype=bool)
+    return out
 
 
 def profile_feature(series: pd.Series, name: str, kind: Kind | None = None,
@@ -630,13 +637,18 @@ def profile_feature(series: pd.Series, name: str, kind: Kind | None = None,
         values = values.astype(bool)
     counts_s = values.astype(str).value_counts()
     kept = counts_s.iloc[:max_categories]
+    if len(counts_s) > max_categories:
+        # Among thousands of rare values, the most frequent are so partly by chance, and less
+        # frequent in fresh data: drift would see a shift that is not there. Only values
+        # frequent enough to be frequent for a reason are kept apart from "other".
+        kept = kept[kept >= max(MIN_KEPT_COUNT, count / max_categories)]
     return FeatureProfile(
         name=name,
         kind=kind,
         count=count,
         null_count=null_count,
         categories={str(k): int(v) for k, v in kept.items()},
-        other_count=int(counts_s.iloc[max_categories:].sum()),
+        other_count=int(counts_s.sum() - kept.sum()),
     )
 
 

@@ -176,3 +176,93 @@ def test_json_rows_and_dataframes_get_the_same_verdicts(policy: Policy) -> None:
     bad = [dict(plain[0], k=1.5), plain[1]]
     v = check_batch(bad, prof, policy)
     assert [(p.row, p.column) for p in v.problems] == [(0, "k")] and v.status.tolist()[0] == REJECT
+
+
+# -- datetimes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dated() -> Profile:
+    rng = np.random.default_rng(8)
+    n = 500
+    df = pd.DataFrame({
+        "when": pd.date_range("2020-01-01", periods=n, freq="D"),
+        "at": pd.date_range("2020-01-01", periods=n, freq="h", tz="Europe/Paris")[rng.permutation(n)],
+        "x": rng.normal(size=n),
+        "y": rng.normal(size=n),
+    })
+    return build_profile(df, "y")
+
+
+def test_datetime_range_and_nulls_and_schema(dated: Profile) -> None:
+    assert dated.feature("when").kind == "datetime" and dated.feature("when").timezone is None
+    assert dated.feature("at").timezone == "Europe/Paris"
+    rows = [
+        {"when": "2020-06-01", "at": "2020-01-05T10:00:00+01:00", "x": 0.0},  # fine
+        {"when": "2024-06-01T12:00:00", "at": "2020-01-05T09:00:00Z", "x": 0.0},  # after training
+        {"when": None, "at": "2020-01-05T10:00:00+01:00", "x": 0.0},  # a null date
+        {"when": "last tuesday", "at": "2020-01-05T10:00:00+01:00", "x": 0.0},  # not a date
+        {"when": "2020-06-01T00:00:00+00:00", "at": "2020-01-05T10:00:00", "x": 0.0},  # aware/naive swapped
+        {"when": 1590969600, "at": "2020-01-05T10:00:00+01:00", "x": 0.0},  # a number is not a date
+    ]
+    v = check_batch(rows, dated)
+    assert v.status.tolist() == [OK, FALLBACK, FALLBACK, REJECT, REJECT, REJECT]
+    # A datetime that is not a time index is in the outlier score too.
+    assert v.reasons()[1] == ["out_of_range:when", "outlier"] and v.reasons()[2] == ["null_unseen:when"]
+    problems = {(p.row, p.column): p for p in v.problems}
+    assert set(problems) == {(3, "when"), (4, "when"), (4, "at"), (5, "when")}
+    assert problems[(3, "when")].problem == "cannot convert" and problems[(3, "when")].got == "last tuesday"
+    assert problems[(3, "when")].expected == "ISO 8601 datetime without a time zone"
+    assert problems[(4, "when")].problem == "time-zone-aware datetime where training had naive ones"
+    assert problems[(4, "at")].problem == "naive datetime where training had time-zone-aware ones"
+    # Another zone, the same instant: in range, and read as that instant.
+    assert v.columns["at"][0] == v.columns["at"][1] == pd.Timestamp("2020-01-05T09:00Z").timestamp()
+
+
+def test_datetime_rows_and_frames_agree(dated: Profile) -> None:
+    frame = pd.DataFrame({
+        "when": pd.to_datetime(["2020-03-01", "2031-01-01", None]),
+        "at": pd.to_datetime(["2020-01-02T00:00Z"] * 3).tz_convert("Asia/Tokyo"),
+        "x": [0.0, 0.0, 0.0],
+    })
+    by_frame = check_batch(frame, dated)
+    rows = [{"when": None if pd.isna(w) else w.isoformat(), "at": a.isoformat(), "x": 0.0}
+            for w, a in zip(frame.when, frame["at"], strict=True)]
+    big = rows * 40  # past the few-rows parser, through pandas
+    for batch in (rows, big):
+        v = check_batch(batch, dated)
+        assert v.reasons() == by_frame.reasons() * (len(batch) // 3)
+        np.testing.assert_array_equal(v.columns["when"], np.tile(by_frame.columns["when"], len(batch) // 3))
+    assert by_frame.reasons() == [[], ["out_of_range:when", "outlier"], ["null_unseen:when"]]
+    # A naive frame column where training was aware is a schema problem for every row.
+    naive = frame.assign(at=frame["at"].dt.tz_localize(None))
+    v = check_batch(naive, dated)
+    assert (v.status == REJECT).all() and {p.column for p in v.problems} == {"at"}
+    # Models that take a DataFrame get datetimes back, in the training zone.
+    feats = by_frame.features
+    assert str(feats["at"].dt.tz) == "Europe/Paris" and feats["when"].dt.tz is None
+    assert feats["when"].iloc[0] == pd.Timestamp("2020-03-01")
+
+
+def test_a_date_that_is_not_a_date_is_a_422_schema_error(dated: Profile) -> None:
+    from guarded_serving.errors import SchemaError
+    from guarded_serving.guard import GuardedModel
+    from guarded_serving.service import STATUS_BY_CODE
+
+    class Mean:
+        task, name, version, classes = "regression", "mean", "1", None
+
+        def predict(self, data: pd.DataFrame):
+            from guarded_serving.adapters.base import Prediction
+
+            assert data["when"].dtype.kind == "M"  # a DataFrame model sees datetimes
+            return Prediction(np.zeros(len(data)))
+
+    gm = GuardedModel(Mean(), Mean(), dated, None, None, "t")
+    ok = gm.predict([{"when": "2020-06-01", "at": "2020-01-05T10:00:00+01:00", "x": 0.0}])
+    assert ok.routes.tolist() == ["primary"]
+    with pytest.raises(SchemaError) as e:
+        gm.predict([{"when": "2020-06-01", "at": "2020-01-05T10:00:00+01:00", "x": 0.0},
+                    {"when": "soon", "at": "2020-01-05T10:00:00+01:00", "x": 0.0}])
+    assert STATUS_BY_CODE[e.value.code] == 422
+    assert [(p.row, p.column, p.got) for p in e.value.problems] == [(1, "when", "soon")]

@@ -53,3 +53,41 @@ def test_classification_export(tmp_path, labels) -> None:
     assert m.task == "classification" and p.classes == labels
     np.testing.assert_allclose(p.probabilities.sum(axis=1), 1.0)
     assert [str(x) for x in p.labels] == [str(x) for x in fb.predict_frame(df)]
+
+
+def test_calendar_parts_agree_with_pandas() -> None:
+    from guarded_serving.fallback import calendar_parts
+    from guarded_serving.profile import epoch_seconds
+
+    rng = np.random.default_rng(4)
+    t = pd.Series(pd.to_datetime(rng.integers(-2_000_000_000, 4_000_000_000, 5000), unit="s"))
+    parts = calendar_parts(epoch_seconds(t)[0])
+    np.testing.assert_array_equal(parts["month"], t.dt.month)
+    np.testing.assert_array_equal(parts["weekday"], t.dt.weekday)
+    np.testing.assert_array_equal(parts["hour"], t.dt.hour)
+
+
+@pytest.mark.parametrize("tz", [None, "America/Chicago"])
+def test_datetime_feature_trend_and_calendar_parts_in_onnx(tmp_path, tz) -> None:
+    from plotnine.data import txhousing
+
+    df = txhousing.drop(columns=["date"])
+    df["date"] = pd.to_datetime({"year": df.year, "month": df.month, "day": 1})
+    if tz:
+        df["date"] = df["date"].dt.tz_localize(tz)
+    df = df[df["median"].notna()]
+    train_df = df[df.year.between(2000, 2009)][["city", "date", "median"]]
+    fb = FallbackTrainer(task="regression").fit(train_df, "median")
+    assert fb.datetime_ == ["date"] and fb.calendar_["date"] == ["month", "weekday"]
+    assert "date.month=6" in fb.coefficients()
+    fb.save_onnx(tmp_path / "fb.onnx")
+    m = load_model(tmp_path / "fb.onnx")
+    served = df[df.year.between(2012, 2015)][["city", "date"]].iloc[:300].reset_index(drop=True)
+    served.loc[0, "date"] = pd.NaT
+    from guarded_serving.profile import epoch_seconds
+
+    # The guard hands datetime features to column models as epoch seconds.
+    cols = {"city": served.city.to_numpy(dtype=object), "date": epoch_seconds(served.date)[0]}
+    np.testing.assert_allclose(m.predict_columns(cols).labels, fb.predict_frame(served), rtol=1e-9)
+    # The trend is clipped: later dates do not extrapolate without bound.
+    assert np.isfinite(fb.predict_frame(served)).all()
