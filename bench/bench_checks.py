@@ -4,14 +4,16 @@
     python bench/bench_checks.py --quick    # fewer repeats
 
 In one run, on the same ~100,000 rows of the example data (train, holdout and shifted serving rows,
-resampled), it times:
+resampled) with a time-zone-aware datetime column added (``listed``: when the stone was listed;
+training saw 2020-2023, the rows span 2020-2024, so some are out of its range), it times:
   * our ``check_batch`` (coercion, nulls, ranges, categories, the multivariate outlier score);
   * the floor: plain numpy range checks and ``np.isin`` category checks over the same columns;
   * pandera validating the same ranges, categories and non-nullability (lazy, so it reports every
     failure as we do). pandera runs from its own virtualenv (.bench-venvs/pandera), created on first
     use, on the same rows written to Parquet;
 and single-row latency, median and p99: the guarded model in-process (one JSON-like row, as the
-service passes it) beside the bare onnxruntime call for the same row.
+service passes it) beside the bare onnxruntime call for the same row, and ``check_batch`` alone on
+one JSON row with and without the datetime column.
 Results go to stdout and bench/results/checks.json.
 """
 
@@ -32,6 +34,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from guarded_serving.profile import Profile  # noqa: E402
 EXAMPLE = ROOT / "models" / "diamonds"
 VENV = ROOT / ".bench-venvs" / "pandera"
 RESULTS = ROOT / "bench" / "results" / "checks.json"
@@ -47,7 +50,12 @@ df = pd.read_parquet(sys.argv[2])
 repeats = int(sys.argv[3])
 cols = {}
 for f in spec["features"]:
-    if f["kind"] in ("numeric", "integer"):
+    if f["kind"] == "datetime":
+        lo, hi = (pd.Timestamp(f[k], unit="s", tz="UTC") for k in ("min", "max"))
+        if not f["timezone"]:
+            lo, hi = lo.tz_localize(None), hi.tz_localize(None)
+        cols[f["name"]] = pa.Column(checks=pa.Check.in_range(lo, hi), nullable=f["null_count"] > 0)
+    elif f["kind"] in ("numeric", "integer"):
         cols[f["name"]] = pa.Column(float, pa.Check.in_range(f["min"], f["max"]), nullable=f["null_count"] > 0)
     else:
         cols[f["name"]] = pa.Column(str, pa.Check.isin(list(f["categories"])), nullable=f["null_count"] > 0)
@@ -65,10 +73,30 @@ print(json.dumps({"times": times, "failure_cases": failures, "pandera": pandera.
 '''
 
 
+TRAIN_SPAN = (pd.Timestamp("2020-01-01", tz="UTC"), pd.Timestamp("2024-01-01", tz="UTC"))
+ROWS_SPAN = (pd.Timestamp("2020-01-01", tz="UTC"), pd.Timestamp("2024-03-01", tz="UTC"))
+
+
+def with_listed(df: pd.DataFrame, span: tuple[pd.Timestamp, pd.Timestamp], seed: int) -> pd.DataFrame:
+    """``df`` with a time-zone-aware datetime column ``listed``, uniform over ``span``."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (int(t.timestamp()) for t in span)
+    return df.assign(listed=pd.to_datetime(rng.integers(lo, hi, len(df)), unit="s", utc=True))
+
+
+def load_profile():  # type: ignore[no-untyped-def]
+    """The example's profile, rebuilt on its training data with the ``listed`` column."""
+    from guarded_serving.profile import build_profile
+
+    train = with_listed(pd.read_parquet(EXAMPLE / "data" / "train.parquet"), TRAIN_SPAN, seed=1)
+    return build_profile(train, "price")
+
+
 def load_rows(n: int) -> pd.DataFrame:
     parts = [pd.read_parquet(EXAMPLE / "data" / f"{s}.parquet") for s in ("train", "holdout", "serve")]
     df = pd.concat(parts, ignore_index=True).drop(columns=["price"])
-    return df.sample(n=n, replace=True, random_state=0).reset_index(drop=True)
+    df = df.sample(n=n, replace=True, random_state=0).reset_index(drop=True)
+    return with_listed(df, ROWS_SPAN, seed=2)
 
 
 def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -84,6 +112,11 @@ def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
 def numpy_floor(df: pd.DataFrame, profile) -> np.ndarray:  # type: ignore[no-untyped-def]
     bad = np.zeros(len(df), dtype=bool)
     for f in profile.features:
+        if f.is_datetime:
+            a = df[f.name].to_numpy(dtype="datetime64[us]")  # UTC
+            lo, hi = (np.datetime64(int(v * 1e6), "us") for v in (f.min, f.max))
+            bad |= (a < lo) | (a > hi)
+            continue
         a = df[f.name].to_numpy()
         if f.is_numeric:
             bad |= (a < f.min) | (a > f.max)
@@ -125,6 +158,22 @@ class PanderaPeer:
         self._dir.cleanup()
 
 
+def single_row_check(profile, repeats: int) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """``check_batch`` alone on one JSON row (as the service passes it), with and without the
+    datetime column (as ISO 8601 text)."""
+    from guarded_serving.checks import check_batch
+
+    row = load_rows(1).iloc[0]
+    with_dt = [{**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.drop("listed").items()},
+                "listed": row["listed"].isoformat()}]
+    without = [{k: v for k, v in with_dt[0].items() if k != "listed"}]
+    plain = Profile.load(EXAMPLE / "profile.json")
+    return {
+        "check, example profile": timed(lambda: check_batch(without, plain), repeats),
+        "check, with a datetime column": timed(lambda: check_batch(with_dt, profile), repeats),
+    }
+
+
 def single_row(repeats: int) -> dict[str, list[float]]:
     from guarded_serving.config import load_config
     from guarded_serving.guard import GuardedModel
@@ -153,11 +202,10 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from guarded_serving.checks import check_batch
     from guarded_serving.policy import Policy
-    from guarded_serving.profile import Profile
 
     rounds = 2 if args.quick else 5
     per_round = 3 if args.quick else 5
-    profile = Profile.load(EXAMPLE / "profile.json")
+    profile = load_profile()
     df = load_rows(args.rows)
     # The same checks pandera is given: types, nulls, ranges, categories (no outlier score).
     same = Policy(outlier_quantile=None)
@@ -197,13 +245,15 @@ def main() -> None:
         results["pandera_failure_cases"] = pa["failure_cases"]
 
     lat = single_row(500 if args.quick else 3000)
+    lat.update(single_row_check(profile, 500 if args.quick else 3000))
     results["single_row_us"] = {
         k: {"median": float(np.median(t) * 1e6), "p99": float(np.percentile(t, 99) * 1e6)}
         for k, t in lat.items()
     }
 
     c, r = results["check_ms"], results["ratio_median_of_rounds"]
-    print(f"\nbatch check over {len(df):,} rows ({rounds} alternating rounds of {per_round}; medians)")
+    print(f"\nbatch check over {len(df):,} rows with a datetime column ({rounds} alternating rounds of "
+          f"{per_round}; medians)")
     same_ms = c["ours_same_checks_as_pandera"]
     print(f"  {'ours, full (with outlier score)':<40} {c['ours']:9.1f} ms")
     print(f"  {'ours, ranges+categories+nulls only':<40} {same_ms:9.1f} ms")
