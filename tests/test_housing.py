@@ -152,3 +152,43 @@ def test_cli_profile_with_time_index_and_check_with_a_config(
     # The same from the command line alone.
     report = _check_report(capsys, serve, "--profile", plain, "--time-index", "date", "year")
     assert report["fallback"] <= 0.10 * len(served)
+
+
+@pytest.mark.e2e
+def test_served_over_http_with_a_date_column(train, served, tmp_path) -> None:
+    import httpx
+
+    from guarded_serving.fallback import FallbackTrainer
+
+    from .server import Server
+
+    cols = ["city", "date", "sales", "listings", TARGET]
+    build_profile(train[cols], TARGET).save(tmp_path / "profile.json")
+    FallbackTrainer(task="regression").fit(train[cols], TARGET).save_onnx(tmp_path / "model.onnx")
+    config = {
+        "name": "housing",
+        "task": "regression",
+        "profile": str(tmp_path / "profile.json"),
+        "primary": {"path": str(tmp_path / "model.onnx")},
+        "fallback": {"path": str(tmp_path / "model.onnx")},
+        "time_index": "date",
+        "store": {"url": f"sqlite:///{tmp_path / 'store.sqlite3'}"},
+    }
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    rows = json.loads(served[cols[:-1]].head(20).to_json(orient="records", date_format="iso"))
+    assert rows[0]["date"].startswith("2012-01-01T00:00:00")
+    with Server(tmp_path / "serving.yaml") as srv:
+        r = httpx.post(srv.url + "/predict", json={"rows": rows}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["routes"].count("primary") >= 18  # 2012 dates pass: the date is the time index
+        bad = [dict(rows[0]), dict(rows[1], date="not a date"), dict(rows[2], date="2012-03-01T00:00:00Z")]
+        r = httpx.post(srv.url + "/predict", json={"rows": bad}, timeout=30)
+        assert r.status_code == 422, r.text
+        problems = {(p["row"], p["column"]): p for p in r.json()["problems"]}
+        assert set(problems) == {(1, "date"), (2, "date")}
+        assert problems[(1, "date")]["got"] == "not a date"
+        assert problems[(2, "date")]["problem"] == "time-zone-aware datetime where training had naive ones"
+        null_date = [dict(rows[0], date=None)]
+        r = httpx.post(srv.url + "/predict", json={"rows": null_date}, timeout=30)
+        assert r.status_code == 200 and r.json()["reasons"][0] == ["null_unseen:date"], r.text
