@@ -140,7 +140,7 @@ class CheckPlan:
     nothing but plain numbers in them, they are checked as one matrix against ``block_lo`` and
     ``block_hi`` (infinite for a feature whose range is ignored). ``outlier`` is the profile's
     outlier model over the features the policy leaves in it, ``outlier_threshold`` its threshold
-    (None: no outlier check).
+    (None: no outlier check). ``datetimes`` maps each datetime feature to its time zone.
     """
 
     rules: dict[str, FeatureRules]
@@ -152,6 +152,7 @@ class CheckPlan:
     outlier: OutlierModel | None
     outlier_threshold: float | None
     outlier_in_block: np.ndarray | None
+    datetimes: dict[str, str | None]
 
     @classmethod
     def build(cls, profile: Profile, policy: Policy) -> CheckPlan:
@@ -177,7 +178,8 @@ class CheckPlan:
             threshold = om.threshold(policy.outlier_quantile)
             if set(om.columns) <= set(block):
                 in_block = np.array([block.index(c) for c in om.columns], dtype=np.intp)
-        return cls(rules, bounds, block, lo, hi, integer, om, threshold, in_block)
+        datetimes = {f.name: f.timezone for f in profile.features if f.is_datetime}
+        return cls(rules, bounds, block, lo, hi, integer, om, threshold, in_block, datetimes)
 
 
 def plan_for(profile: Profile, policy: Policy) -> CheckPlan:
@@ -296,9 +298,8 @@ def check_batch(
         for col in flag_cols[1:]:
             flagged |= col
         status[flagged & (status != REJECT)] = FALLBACK
-    datetimes = {f.name: f.timezone for f in profile.features if f.is_datetime}
     return Verdicts(status, flags, flag_names, coerced, problems, extra, scores,
-                    datetime_columns=datetimes)
+                    datetime_columns=plan.datetimes)
 
 
 def _out_of_range(values: np.ndarray, lo: Any, hi: Any) -> np.ndarray:

@@ -149,6 +149,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise ConfigError("--policy must be a JSON object of policy keys")
         policy = Policy.from_dict({**_policy_keys(policy), **overrides}, time_index=policy.time_index)
     policy = policy.with_time_index(args.time_index or ())
+    periods = _period_states(profile, policy, args.drift_by) if args.drift_by else None
     data = read_table(args.data)
     totals = Counter[str]()
     reasons = Counter[str]()
@@ -162,6 +163,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         reasons.update(v.reason_counts())
         problems.update(f"{p.problem}:{p.column}" for p in v.problems)
         extra.update(v.extra_columns)
+        if periods is not None:
+            kept = ~v.rejected
+            periods.update({k: c[kept] for k, c in v.columns.items()})
     n = len(data)
     report: dict[str, Any] = {
         "rows": n,
@@ -172,6 +176,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         "schema_problems": dict(problems.most_common()),
         "extra_columns": sorted(extra),
     }
+    if periods is not None:
+        from .drift.stats import DriftThresholds
+
+        min_rows = config.drift.min_rows if config else DriftThresholds().min_rows
+        report["drift_by_period"] = [
+            {"period": d["period"], "rows": d["rows"], "status": d["status"],
+             "drifting": [f["name"] for f in d["features"] if f["status"] == "drift"]}
+            for d in periods.evaluate(DriftThresholds(min_rows=min_rows, policy=policy))
+        ]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -187,7 +200,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("\nschema problems (rows)\n" + "\n".join(f"  {r:<40} {c}" for r, c in problems.most_common()))
     if extra:
         print(f"\ncolumns not in the profile (ignored): {', '.join(sorted(extra))}")
+    if periods is not None:
+        print(f"\ndrift by {periods.period} of {periods.column} (period, rows, status, drifting features)")
+        for d in report["drift_by_period"]:
+            print(f"  {d['period']!s:<12} {d['rows']:>8}  {d['status']:<17} {', '.join(d['drifting'])}")
     return 0
+
+
+def _period_states(profile: Any, policy: Any, period: str) -> Any:
+    """Drift states by calendar ``period`` of the (first) datetime time index."""
+    from .drift.periods import PeriodStates
+
+    index = [*profile.time_index, *policy.time_index]
+    column = next((c for c in index if profile.feature(c).is_datetime), None)
+    if column is None:
+        raise GuardedServingError(f"--drift-by needs a datetime time index (--time-index or the config's "
+                                  f"time_index); the time index is {index or 'empty'}")
+    return PeriodStates.empty(profile, column, period)
 
 
 def _policy_keys(policy: Any) -> dict[str, Any]:
@@ -360,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="profile JSON (default: the config's)")
     p.add_argument("--policy", help='policy overrides as JSON, e.g. \'{"range_margin": 0.1}\'')
     p.add_argument("--time-index", nargs="+", metavar="COL", help="columns that are the time of a row")
+    p.add_argument("--drift-by", choices=["day", "week", "month", "quarter", "year"],
+                   help="also test drift per calendar period of the datetime time index")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_check)
 

@@ -109,7 +109,6 @@ class FeatureRules:
     outlier: bool
     drift: bool
     drift_test: DriftTest
-    time_index: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,6 @@ class Policy:
             outlier=not is_time,
             drift=not is_time,
             drift_test=self.drift_test,
-            time_index=is_time,
         )
         if own is None:
             return rules

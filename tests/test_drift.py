@@ -404,3 +404,35 @@ def test_old_windows_are_archived_into_the_cumulative_view(profile: Profile) -> 
     more = [*after_segs, *[Segment("w", 200.0 + i, 200.0 + i, 20, segs[i].state, id=500 + i) for i in range(30)]]
     seg2, ids2 = archive(more, assemble_windows(more, profile, window_rows=20), keep=100)
     assert seg2.rows == 60 * 20 and None not in ids2
+
+
+def test_drift_by_calendar_period_of_the_time_index() -> None:
+    from guarded_serving.checks import check_batch
+    from guarded_serving.drift.periods import PeriodStates, period_labels
+
+    rng = np.random.default_rng(12)
+    n = 3000
+    t = pd.to_datetime(rng.integers(1_577_836_800, 1_609_459_200, n), unit="s", utc=True)  # 2020
+    train_df = pd.DataFrame({"t": t, "x": rng.normal(size=n), "y": 0.0})
+    p = build_profile(train_df, "y", time_index=["t"])
+    live_t = pd.Series(pd.to_datetime(rng.integers(1_609_459_200, 1_640_995_200, n), unit="s", utc=True))
+    x = rng.normal(size=n)
+    x[live_t.dt.quarter.to_numpy() == 3] += 1.0  # a shift in the third quarter only
+    live = pd.DataFrame({"t": live_t, "x": x})
+    states = PeriodStates.empty(p, "t", "quarter")
+    states.update(check_batch(live, p).columns)  # the checks' columns: datetimes in epoch seconds
+    out = states.evaluate()
+    assert [d["period"] for d in out] == ["2021Q1", "2021Q2", "2021Q3", "2021Q4"]
+    assert [d["status"] for d in out] == ["ok", "ok", "drift", "ok"]
+    assert sum(d["rows"] for d in out) == n and all(d["skipped"] == ["t"] for d in out)
+    # The same from a DataFrame; states merge period by period.
+    again = PeriodStates.empty(p, "t", "quarter")
+    again.update(dict(live.items()))
+    both = states.merge(again)
+    assert both.states["2021Q3"].rows == 2 * states.states["2021Q3"].rows
+    # Periods are read in the column's time zone; nulls are their own period.
+    secs = np.array([pd.Timestamp("2021-03-31T23:30:00-05:00").timestamp(), np.nan])
+    assert period_labels(secs, "month", "America/Chicago").tolist() == ["2021-03", None]
+    assert period_labels(secs, "month", "UTC").tolist() == ["2021-04", None]
+    with pytest.raises(ValueError, match="datetime"):
+        PeriodStates.empty(build_profile(train_df.drop(columns="t"), "y"), "x", "month")

@@ -150,8 +150,14 @@ def test_cli_profile_with_time_index_and_check_with_a_config(
     assert report["fallback"] <= 0.10 * report["rows"]
     assert "out_of_range:listings" not in report["reasons"]
     # The same from the command line alone.
-    report = _check_report(capsys, serve, "--profile", plain, "--time-index", "date", "year")
+    report = _check_report(capsys, serve, "--profile", plain, "--time-index", "date", "year", "--drift-by", "year")
     assert report["fallback"] <= 0.10 * len(served)
+    by_year = report["drift_by_period"]
+    assert [d["period"] for d in by_year] == ["2012", "2013", "2014", "2015"]
+    assert sum(d["rows"] for d in by_year) == len(served)
+    assert "month" in by_year[-1]["drifting"]  # 2015 has January to July only
+    assert main(["check", serve, "--profile", plain, "--drift-by", "year"]) == 2
+    assert "--drift-by needs a datetime time index" in capsys.readouterr().err
 
 
 @pytest.mark.e2e
