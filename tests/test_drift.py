@@ -436,3 +436,20 @@ def test_drift_by_calendar_period_of_the_time_index() -> None:
     assert period_labels(secs, "month", "UTC").tolist() == ["2021-04", None]
     with pytest.raises(ValueError, match="datetime"):
         PeriodStates.empty(build_profile(train_df.drop(columns="t"), "y"), "x", "month")
+
+
+def test_datetime_buckets_are_labelled_as_times() -> None:
+    from guarded_serving.drift.stats import DriftThresholds
+    from guarded_serving.policy import Policy
+
+    t = pd.date_range("2020-01-01", periods=400, freq="D", tz="Europe/Paris")
+    p = build_profile(pd.DataFrame({"t": t, "y": 0.0}), "y", n_bins=4)
+    state = DriftState.empty(p)
+    state.update({"t": t[:10]}, now=0.0)
+    th = DriftThresholds(policy=Policy.from_dict({"features": {"t": {"drift": True}}}))
+    f = evaluate(state, p, th)["features"][0]
+    # Quantile edges fall between midnights here, so the labels carry the time of day too.
+    assert f["buckets"][:2] == ["< min", "[2020-01-01T00:00, 2020-04-09T18:00)"]
+    assert f["buckets"][4].endswith(", 2021-02-03T00:00]")
+    daily = build_profile(pd.DataFrame({"t": t[::2], "y": 0.0}), "y", n_bins=2)  # edges on midnights
+    assert evaluate(DriftState.empty(daily), daily, th)["features"][0]["buckets"][1] == "[2020-01-01, 2020-07-18)"

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from scipy.special import chdtrc
 
 from ..policy import DriftTest, Policy
@@ -118,7 +119,8 @@ def _reference(fp: FeatureProfile) -> _Reference:
             return _Reference(np.array([0, 0, fp.null_count], dtype=float),
                               ["< min", "> max", "null"], None)
         e = np.asarray(fp.bin_edges, dtype=float)
-        labels = ["< min", *(f"[{a:.4g}, {b:.4g})" for a, b in zip(e[:-1], e[1:], strict=True)),
+        shown = _times(e, fp.timezone) if fp.is_datetime else [f"{x:.4g}" for x in e]
+        labels = ["< min", *(f"[{a}, {b})" for a, b in zip(shown[:-1], shown[1:], strict=True)),
                   "> max", "null"]
         labels[-3] = labels[-3][:-1] + "]"  # the last bin includes the maximum
         counts = np.array([0, *fp.bin_counts, 0, fp.null_count], dtype=float)
@@ -128,6 +130,14 @@ def _reference(fp: FeatureProfile) -> _Reference:
     counts = np.array([*fp.categories.values(), fp.other_count, fp.null_count], dtype=float)
     rest = "(other)" if fp.categories_truncated else "(unseen)"
     return _Reference(counts, [*cats, rest, "(null)"], None)
+
+
+def _times(seconds: np.ndarray, timezone: str | None) -> list[str]:
+    """Bin edges of a datetime feature as ISO 8601 text: dates when all are midnights."""
+    t = pd.Series(pd.to_datetime(seconds, unit="s", utc=True))
+    t = t.dt.tz_convert(timezone) if timezone else t.dt.tz_localize(None)
+    midnight = bool((t.dt.normalize() == t).all())
+    return t.dt.strftime("%Y-%m-%d" if midnight else "%Y-%m-%dT%H:%M").tolist()  # type: ignore[no-any-return]
 
 
 def _compare(fp: FeatureProfile, live: FeatureCounts, test: DriftTest = "chi2") -> dict[str, Any]:
