@@ -215,6 +215,9 @@ def test_datetime_range_and_nulls_and_schema(dated: Profile) -> None:
     assert problems[(3, "when")].expected == "ISO 8601 datetime without a time zone"
     assert problems[(4, "when")].problem == "time-zone-aware datetime where training had naive ones"
     assert problems[(4, "at")].problem == "naive datetime where training had time-zone-aware ones"
+    # A datetime feature's own margin widens its range like a number's.
+    wide = Policy.from_dict({"features": {"when": {"range": 5.0}}})
+    assert check_batch(rows[:2], dated, wide).reasons()[1] == ["outlier"]
     # Another zone, the same instant: in range, and read as that instant.
     assert v.columns["at"][0] == v.columns["at"][1] == pd.Timestamp("2020-01-05T09:00Z").timestamp()
 

@@ -259,3 +259,14 @@ def test_datetime_training_columns_from_text_and_their_problems() -> None:
     objs = df.assign(t=[datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2), None])
     with pytest.raises(ProfileError, match="mixes naive"):
         build_profile(objs, "y")
+
+
+def test_no_outlier_and_time_index_columns_are_left_out_of_the_outlier_model() -> None:
+    rng = np.random.default_rng(7)
+    n = 400
+    df = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "year": rng.integers(2000, 2010, n),
+                       "y": rng.normal(size=n)})
+    assert build_profile(df, "y").outlier.columns == ["a", "b", "year"]
+    assert build_profile(df, "y", no_outlier=["b"], time_index=["year"]).outlier.columns == ["a"]
+    with pytest.raises(ProfileError, match="--no-outlier names columns that are not features"):
+        build_profile(df, "y", no_outlier=["y"])
