@@ -158,20 +158,44 @@ class Container:
 
 @dataclass
 class Outcome:
+    kind: str  # "predict" or "feedback"
     started: float
+    request_id: str
     status: int | None = None  # HTTP status, or None when no answer came
     error: str | None = None  # the exception's type when no answer came
-    request_id: str = ""
     rows: int = 0
+    served_by: str | None = None  # the balancer's X-Served-By
+
+
+def post(
+    client: httpx.Client | None,
+    url: str,
+    kind: str,
+    request_id: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> Outcome:
+    """One POST, its answer or the exception, as an :class:`Outcome` (never raises)."""
+    o = Outcome(
+        kind=kind,
+        started=time.monotonic(),
+        request_id=request_id,
+        rows=len(body.get("rows", body.get("outcomes", []))),
+    )
+    try:
+        r = (client or httpx).post(url, json=body, timeout=30.0, headers=headers)
+        o.status, o.served_by = r.status_code, r.headers.get("x-served-by")
+    except httpx.HTTPError as e:
+        o.error = type(e).__name__
+    return o
 
 
 @dataclass
 class Load:
-    """Client threads posting to ``url`` until stopped, one connection per request (so a refused
-    connection, a request the server never took, is told apart from one it dropped)."""
+    """``threads`` clients calling ``send(client, i)`` until stopped; each call returns the
+    outcomes of the requests it made."""
 
-    url: str
-    make_body: Callable[[int], dict[str, Any]]
+    send: Callable[[httpx.Client, int], list[Outcome]]
     threads: int = 4
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -179,25 +203,15 @@ class Load:
     _workers: list[threading.Thread] = field(default_factory=list)
 
     def _run(self, k: int) -> None:
-        i = 0
-        while not self._stop.is_set():
-            body = self.make_body(k * 1_000_000 + i)
-            rid = f"load-{k}-{i}-{uuid.uuid4().hex[:8]}"
-            o = Outcome(started=time.monotonic(), request_id=rid, rows=len(body.get("rows", [])))
-            try:
-                r = httpx.post(
-                    self.url + "/predict",
-                    json=body,
-                    timeout=30.0,
-                    headers={"X-Request-ID": rid, "Connection": "close"},
-                )
-                o.status = r.status_code
-            except httpx.HTTPError as e:
-                o.error = type(e).__name__
-                time.sleep(0.01)
-            with self._lock:
-                self.outcomes.append(o)
-            i += 1
+        with httpx.Client() as client:
+            i = 0
+            while not self._stop.is_set():
+                got = self.send(client, k * 1_000_000 + i)
+                with self._lock:
+                    self.outcomes.extend(got)
+                if any(o.error for o in got):
+                    time.sleep(0.01)
+                i += 1
 
     def __enter__(self) -> Load:
         self._workers = [
