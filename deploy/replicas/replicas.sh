@@ -84,8 +84,8 @@ defaults
     timeout http-request 10s
     # A request whose connection failed, or whose replica died before answering (empty response),
     # is sent again to another replica. The first never reached a replica: always safe. The
-    # second may have been served and logged by the dead replica; an identical retry (same
-    # X-Request-ID) is the idempotent replay the service answers from its log. Never retried:
+    # second may have been served and logged by the dead replica: the retry carries the same
+    # X-Request-ID, by which the service can recognise an identical retry. Never retried:
     # timeouts and 5xx answers (the request was taken; a 503 from the store is not a replica fault).
     retries 3
     option redispatch 1
