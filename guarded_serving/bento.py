@@ -73,7 +73,13 @@ class BuildOptions:
 
 def python_requirements() -> list[str]:
     """This package's runtime requirements, less BentoML (the bento brings its own)."""
-    reqs = importlib.metadata.requires("guarded-serving") or []
+    try:
+        reqs = importlib.metadata.requires("guarded-serving") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise GuardedServingError(
+            "guarded-serving is not installed in this Python, so its requirements "
+            "are unknown: pip install guarded-serving (or pip install -e .)"
+        ) from None
     return [r for r in reqs if ";" not in r and not r.startswith("bentoml")]
 
 
@@ -81,8 +87,8 @@ def stage_context(config_path: str | Path, ctx: Path) -> dict[str, Any]:
     """Copy the package and the config's files into ``ctx``; return the bundled config as written.
 
     Model files and the profile are copied beside the rewritten config and named by their role
-    (``primary.onnx``, ``profile.json``); models named by ``bentoml_tag`` stay tags (``bentoml
-    build`` packs them from the model store) and ``callable`` models stay import paths (their
+    (``primary.onnx``, ``profile.json``); models named by ``bentoml_tag`` stay tags, pinned to the
+    version ``bentoml build`` packs from the model store, and ``callable`` models stay import paths (their
     module must be installed in the bento's Python)."""
     config_path = Path(config_path)
     cfg = load_config(config_path)  # fails here, with the key named, rather than in the image
@@ -94,6 +100,12 @@ def stage_context(config_path: str | Path, ctx: Path) -> dict[str, Any]:
     bundle.mkdir(parents=True)
     for role in ("primary", "fallback"):
         spec = getattr(cfg, role)
+        if spec.bentoml_tag:
+            # Pinned: the bento packs this version, and a local `bentoml serve` must not pick a
+            # newer "latest" from the model store.
+            import bentoml
+
+            raw[role] = {**raw[role], "bentoml_tag": str(bentoml.models.get(spec.bentoml_tag).tag)}
         if spec.path is None:
             continue
         target = f"{role}{''.join(spec.path.suffixes)}"
@@ -132,11 +144,7 @@ def bentofile(raw_config: dict[str, Any], options: BuildOptions) -> dict[str, An
     }
 
 
-def build_bento(
-    config_path: str | Path,
-    options: BuildOptions = BuildOptions(),
-    env: dict[str, str] | None = None,
-) -> str:
+def build_bento(config_path: str | Path, options: BuildOptions = BuildOptions()) -> str:
     """Build a bento for ``config_path`` into the BentoML store ($BENTOML_HOME); return its tag."""
     with tempfile.TemporaryDirectory(prefix="guarded-serving-build-") as tmp:
         ctx = Path(tmp)
@@ -147,7 +155,7 @@ def build_bento(
         cmd = [sys.executable, "-m", "bentoml", "build", str(ctx), "-o", "tag"]
         if options.version:
             cmd += ["--version", options.version]
-        run_env = {**(env if env is not None else os.environ)}
+        run_env = dict(os.environ)
         # The build imports the service to find the models it packs: the staged package, serving
         # the staged config.
         run_env["GUARDED_SERVING_CONFIG"] = str(ctx / BUNDLE_DIR / BUNDLED_CONFIG)

@@ -213,3 +213,27 @@ def test_guarded_serving_build_serves_its_own_config_without_env_vars(tmp_path: 
         assert httpx.get(srv.url + "/profile", timeout=10.0).json()["target"] == "species"
     assert (tmp_path / "data" / "iris-species.sqlite3").exists()
     assert not list(bento_dir.rglob("*.sqlite3"))
+
+
+@pytest.mark.e2e
+def test_guarded_serving_build_pins_and_packs_a_model_store_model(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDED_SERVING_")}
+    env.update(BENTOML_HOME=str(tmp_path / "home"), BENTOML_DO_NOT_TRACK="true", PYTHONPATH=str(ROOT))
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    model_tag = run("-c", MODEL_STORE_SCRIPT, str(_data.EXAMPLE / "primary.onnx"))
+    cfg = yaml.safe_load((_data.EXAMPLE / "serving.yaml").read_text())
+    cfg.update(primary={"bentoml_tag": "diamonds-gbr:latest"}, fallback={"path": str(_data.EXAMPLE / "fallback.onnx")},
+               profile=str(_data.EXAMPLE / "profile.json"))
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(cfg))
+    tag = run("-m", "guarded_serving.cli", "build", str(tmp_path / "serving.yaml"), "--version", "p1")
+    bento = tmp_path / "home" / "bentos" / tag.split(":")[0] / "p1"
+    bundled = yaml.safe_load((bento / "src" / BUNDLE_DIR / "serving.yaml").read_text())
+    assert bundled["primary"] == {"bentoml_tag": model_tag}  # the version packed, not "latest"
+    services = yaml.safe_load((bento / "bento.yaml").read_text())["services"]
+    assert model_tag in [m["tag"] for svc in services for m in svc["models"]]
