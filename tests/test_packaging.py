@@ -198,6 +198,9 @@ def test_guarded_serving_build_serves_its_own_config_without_env_vars(tmp_path: 
     bento_dir = tmp_path / "bentoml-home" / "bentos" / "iris-species" / "t1"
     info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert info["labels"]["model"] == "iris-species" and not info.get("envs")
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()  # for `bentoml containerize`
+    assert "USER bentoml" in dockerfile and "EXPOSE 3000" in dockerfile
+    assert 'ENTRYPOINT [ "/home/bentoml/bento/src/guarded_serving/container/entrypoint.sh" ]' in dockerfile
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     served_env: dict[str, str | None] = {
