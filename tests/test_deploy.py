@@ -388,6 +388,7 @@ def test_three_replicas_behind_haproxy_on_one_postgresql(
             before = len(load.snapshot())
             wait_until(lambda: len(load.snapshot()) >= before + 80, 60)
         kill_phase = load.snapshot()
+        figures["haproxy after sigkill"] = reps.run("status").splitlines()
         with Load(send, threads=4) as load:
             wait_until(lambda: len(load.snapshot()) >= 20, 60)
             started = time.monotonic()

@@ -157,7 +157,11 @@ cmd_restart() {
 }
 
 cmd_status() {
-    admin "show stat" | awk -F, '$1 == "replicas" { printf "%-8s %-6s sessions=%s total=%s\n", $2, $18, $5, $8 }'
+    # Per replica: state, current and total sessions, connection and response errors, and the
+    # requests HAProxy sent again (retries) or to another replica (redispatches).
+    admin "show stat" | awk -F, '$1 == "replicas" && $2 != "BACKEND" {
+        printf "%s status=%s sessions=%s total=%s conn_errors=%s resp_errors=%s retries=%s redispatches=%s\n",
+            $2, $18, $5, $8, $14, $15, $16, $17 }'
 }
 
 cmd_down() {
