@@ -103,8 +103,9 @@ backend replicas
     http-response set-header X-Served-By %s
     default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
 EOF
-    local i=1 port
-    for port in $(cat "$STATE_DIR/ports"); do
+    local i=1 port ports
+    read -ra ports <"$STATE_DIR/ports"
+    for port in "${ports[@]}"; do
         echo "    server r$i 127.0.0.1:$port" >>"$STATE_DIR/haproxy.cfg"
         i=$((i + 1))
     done
@@ -117,30 +118,32 @@ cmd_up() {
     command -v haproxy >/dev/null || die "haproxy is missing: apt-get install haproxy"
     mkdir -p "$STATE_DIR"
     echo "$image" >"$STATE_DIR/image"
-    local ports="${REPLICA_PORTS:-$(seq -s ' ' 3001 $((3000 + n)))}"
-    echo "$ports" >"$STATE_DIR/ports"
+    local ports
+    read -ra ports <<<"${REPLICA_PORTS:-$(seq -s ' ' 3001 $((3000 + n)))}"
+    echo "${ports[*]}" >"$STATE_DIR/ports"
     local i=1 port
-    for port in $ports; do
+    for port in "${ports[@]}"; do
         start_replica "$i" "$port"
         i=$((i + 1))
     done
-    for port in $ports; do
+    for port in "${ports[@]}"; do
         wait_for 180 "the replica on port $port" ready "$port"
     done
     write_haproxy_cfg
     haproxy -D -f "$STATE_DIR/haproxy.cfg" -p "$STATE_DIR/haproxy.pid"
     i=1
-    for port in $ports; do
+    for port in "${ports[@]}"; do
         wait_for 30 "r$i to be UP in the balancer" up_in_lb "r$i"
         i=$((i + 1))
     done
-    echo "$(wc -w <<<"$ports") replicas of $image behind http://127.0.0.1:$LB_PORT"
+    echo "${#ports[@]} replicas of $image behind http://127.0.0.1:$LB_PORT"
 }
 
 cmd_restart() {
     [[ -f "$STATE_DIR/ports" ]] || die "nothing is up (no $STATE_DIR/ports)"
-    local i=1 port
-    for port in $(cat "$STATE_DIR/ports"); do
+    local i=1 port ports
+    read -ra ports <"$STATE_DIR/ports"
+    for port in "${ports[@]}"; do
         # Out of the rotation first, then wait for its requests to finish: nothing in flight is
         # cut, and no new request reaches a replica that is stopping.
         admin "set server replicas/r$i state maint" >/dev/null
@@ -165,9 +168,10 @@ cmd_status() {
 }
 
 cmd_down() {
-    local i=1 port
+    local i=1 port ports
     if [[ -f "$STATE_DIR/ports" ]]; then
-        for port in $(cat "$STATE_DIR/ports"); do
+        read -ra ports <"$STATE_DIR/ports"
+        for port in "${ports[@]}"; do
             podman rm -f -t "$GRACE" "$NAME_PREFIX-r$i" >/dev/null 2>&1 || true
             i=$((i + 1))
         done
