@@ -39,6 +39,7 @@ from .containers import (
     podman,
     podman_unavailable,
     post,
+    retire_image,
     wait_until,
 )
 from .iris_model import FEATURES as IRIS_FEATURES
@@ -105,7 +106,7 @@ def iris_build(podman_ready: None, tmp_path_factory: pytest.TempPathFactory) -> 
     image = build_image(tag, env)
     print(f"\nbuilt {image} from {tag} in {time.monotonic() - started:.0f}s", file=sys.stderr)
     yield Built(image, config)
-    podman("rmi", "-f", image, check=False)
+    retire_image(image)
 
 
 @pytest.fixture
