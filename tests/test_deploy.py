@@ -23,7 +23,9 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from guarded_serving.bento import BUNDLE_DIR
 from guarded_serving.config import load_config
 from guarded_serving.drift.state import DriftState
 from guarded_serving.drift.stats import DriftThresholds, evaluate
@@ -214,6 +216,64 @@ def test_the_container_answers_then_drains_on_sigterm(iris_image: str, tmp_path:
         }
         untraced = [o.request_id for o in answered if o.request_id not in traced]
         assert not untraced, f"{len(untraced)} of {len(answered)} answered requests have no span"
+
+
+def test_a_mounted_config_and_store_url_file_override_the_image(
+    iris_build: Built, tmp_path: Path
+) -> None:
+    """What deploy/k8s does: the serving config from a ConfigMap (models and profile stay in the
+    image) and the store URL from a Secret file."""
+    image_bundle = f"/home/bentoml/bento/src/{BUNDLE_DIR}"
+    cfg = yaml.safe_load(iris_build.config.read_text())
+    cfg.update(
+        primary={"path": f"{image_bundle}/primary.onnx"},
+        fallback={"path": f"{image_bundle}/fallback.onnx"},
+        profile=f"{image_bundle}/profile.json",
+        max_rows=7,
+    )
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "serving.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "store-url").write_text(
+        "sqlite:////home/bentoml/data/from-secret.sqlite3\n"
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    box = Container(
+        iris_build.image,
+        free_port(),
+        env={
+            "GUARDED_SERVING_CONFIG": "/etc/guarded-serving/serving.yaml",
+            "GUARDED_SERVING_STORE_URL_FILE": "/run/secrets/gs/store-url",
+        },
+        volumes={
+            tmp_path / "config": "/etc/guarded-serving:ro",
+            tmp_path / "secrets": "/run/secrets/gs:ro",
+            data: "/home/bentoml/data",
+        },
+    )
+    try:
+        box.start()
+        box.wait_ready()
+        assert (
+            httpx.post(
+                box.url + "/predict", json={"rows": iris_rows(8, 0)}, timeout=30.0
+            ).status_code
+            == 413
+        )
+        r = httpx.post(box.url + "/predict", json={"rows": iris_rows(2, 1)}, timeout=30.0)
+        assert r.status_code == 200, r.text
+        box.signal("TERM")
+        assert box.wait_exit(GRACE_SECONDS) == 0
+    finally:
+        logs = box.logs()
+        box.remove()
+    store = Store(f"sqlite:///{data / 'from-secret.sqlite3'}", prefix=PREFIX)
+    try:
+        assert set(store.joined()["request_id"]) == {r.json()["request_id"]}, logs
+    finally:
+        store.close()
 
 
 # -- replicas behind HAProxy on one PostgreSQL ------------------------------------------------
