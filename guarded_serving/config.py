@@ -55,7 +55,7 @@ class TracingConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    #: SQLAlchemy URL; default: SQLite file beside the config (or GUARDED_SERVING_STORE_URL).
+    #: SQLAlchemy URL; default: $GUARDED_SERVING_STORE_URL, else {data_dir}/{name}.sqlite3.
     url: str = ""
     flush_seconds: float = 5.0
     #: Put before every table name, so several models (or environments) can share one database.
@@ -164,7 +164,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
         raise ConfigError(f"policy: {e.message}", e.problems) from e
     store = _section(raw, "store", StoreConfig)
     if not store.url:
-        url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{base / 'guarded-serving.sqlite3'}"
+        url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{data_dir() / (name + '.sqlite3')}"
         store = StoreConfig(url=url, flush_seconds=store.flush_seconds, table_prefix=store.table_prefix)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", store.table_prefix):
         raise ConfigError(f"store.table_prefix: must be letters, digits and _, got {store.table_prefix!r}")
@@ -192,6 +192,20 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
         source=source,
         time_index=policy.time_index,
     )
+
+
+def data_dir() -> Path:
+    """Where the default SQLite store lives (created on first use): $GUARDED_SERVING_DATA_DIR,
+    else $XDG_DATA_HOME/guarded-serving, else ~/.local/share/guarded-serving. Never beside the
+    config, which may sit in a read-only bento or image."""
+    env = os.environ.get("GUARDED_SERVING_DATA_DIR")
+    if env:
+        path = Path(env)
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME")
+        path = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "guarded-serving"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _is_number(v: Any) -> bool:

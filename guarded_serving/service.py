@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .bento import bundled_config
 from .config import ServingConfig, load_config
 from .errors import (
     BatchTooLargeError,
@@ -76,9 +77,9 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def config_path() -> Path:
-    """The serving config to load: ``$GUARDED_SERVING_CONFIG`` or the example."""
+    """The serving config to load: ``$GUARDED_SERVING_CONFIG``, the bento's own, or the example."""
     env = os.environ.get(CONFIG_ENV)
-    return Path(env) if env else EXAMPLE_CONFIG
+    return Path(env) if env else (bundled_config() or EXAMPLE_CONFIG)
 
 
 CONFIG: ServingConfig = load_config(config_path())
