@@ -439,16 +439,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     with tqdm(total=1, desc="retraining", file=sys.stderr) as bar:
         done = run(plan)
         bar.update()
-    print(f"candidate {done.candidate} (retrained in {done.seconds:.1f} s; output in {done.log})")
+    print(f"candidate {done.candidate} (retrained in {done.seconds:.1f} s; output in {done.log})",
+          file=sys.stderr if args.json else sys.stdout)
+    run_info = {"candidate_path": str(done.candidate), "run_dir": str(plan.run_dir), "log": str(done.log),
+                "seconds": round(done.seconds, 3)}
     if not len(holdout):
-        print("no held-out rows with outcomes to replay on; replay it later with "
-              f"guarded-serving replay {args.config} --candidate {done.candidate}")
+        if args.json:
+            print(json.dumps({**run_info, "replay": None}, indent=2))
+        else:
+            print("no held-out rows with outcomes to replay on; replay it later with "
+                  f"guarded-serving replay {args.config} --candidate {done.candidate}")
         return 0
     candidate = load_candidate(done.candidate, task=config.task, trusted=spec.trusted)
     result = _replay(candidate, holdout, profile, target, config.task, args)
     if args.json:
-        print(json.dumps({"candidate_path": str(done.candidate), "run_dir": str(plan.run_dir),
-                          "log": str(done.log), "replay": result.to_dict()}, indent=2))
+        print(json.dumps({**run_info, "replay": result.to_dict()}, indent=2))
     else:
         print(f"replay on the {result.n} held-out row(s) with outcomes, newest first out of the export:")
         print(format_replay(result))
