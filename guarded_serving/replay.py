@@ -237,9 +237,9 @@ def replay(
 def _values(s: pd.Series, task: str) -> np.ndarray:
     """Numbers (NaN when missing) for regression; objects (None when missing) for classification."""
     if task == "regression":
-        return pd.to_numeric(s.astype(object), errors="coerce").to_numpy(dtype=float)
+        return np.asarray(pd.to_numeric(s.astype(object), errors="coerce"), dtype=float)
     v = s.astype(object).to_numpy()
-    return np.where(pd.isna(v), None, v)
+    return np.asarray(np.where(pd.isna(v), None, v), dtype=object)
 
 
 def _classes(
