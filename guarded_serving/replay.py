@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 
 from .errors import GuardedServingError
-from .performance import _json_safe
 from .scoring import score
 
 __all__ = ["Comparison", "Replay", "ScopeResult", "Verdict", "parse_margin", "replay"]
@@ -94,8 +93,8 @@ class Comparison:
             "metric": self.metric,
             "n": self.n,
             "improvement": self.improvement,
-            "intervals": {k: list(v) for k, v in self.intervals.items()},
-            "margin": self.margin,
+            "intervals": {k: _pair(v) for k, v in self.intervals.items()},
+            "margin": _num(self.margin),
             "verdict": str(self.verdict),
         }
 
@@ -113,7 +112,9 @@ class ScopeResult:
         return {
             "n": self.n,
             **self.metrics,
-            "intervals": {r: {k: list(v) for k, v in m.items()} for r, m in self.intervals.items()},
+            "intervals": {
+                r: {k: _pair(v) for k, v in m.items()} for r, m in self.intervals.items()
+            },
             "comparisons": {r: c.to_dict() for r, c in self.comparisons.items()},
         }
 
@@ -140,9 +141,10 @@ class Replay:
         return self.scopes["all"].comparisons["guarded"].verdict
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe (no NaN): overall figures at the top, each route under ``by_route``."""
+        """Plain JSON values (null where a figure has no rows): overall figures at the top, each
+        route under ``by_route``."""
         top = self.scopes["all"].to_dict()
-        out = {
+        out: dict[str, Any] = {
             "n": self.n,
             "task": self.task,
             "metric": self.metric,
@@ -153,7 +155,15 @@ class Replay:
             "by_route": {s: self.scopes[s].to_dict() for s in SCOPES if s != "all"},
             "verdict": str(self.verdict),
         }
-        return _json_safe(out)  # type: ignore[no-any-return]
+        return out
+
+
+def _num(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _pair(v: tuple[float, float]) -> list[float | None]:
+    return [_num(v[0]), _num(v[1])]
 
 
 def parse_margin(margin: float | str) -> tuple[float, bool]:
