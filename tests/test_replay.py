@@ -259,3 +259,22 @@ def test_replay_since_selects_newer_rows(logged: Path, capsys) -> None:
     )
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 0 and out["verdict"] == "inconclusive"
+
+
+def test_profile_names_the_candidates_features(logged: Path, tmp_path: Path, capsys) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    from guarded_serving.profile import build_profile
+
+    from ._data import train
+
+    data = train()[["carat", TARGET]]
+    build_profile(data, TARGET, task="regression").save(tmp_path / "carat.json")
+    path = tmp_path / "carat.joblib"
+    joblib.dump(LinearRegression().fit(data[["carat"]], data[TARGET]), path)
+    args = ["replay", str(logged), "--candidate", str(path), "--trusted", "--json"]
+    assert main(args) == 2, "given every logged feature, the carat-only model fails"
+    assert "the candidate failed on the logged rows" in capsys.readouterr().err
+    assert main([*args, "--profile", str(tmp_path / "carat.json")]) in (0, 1)
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 600 and out["candidate"]["n"] == 600
