@@ -280,22 +280,32 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    config = load_config(args.config)
+    since = _parse_time(args.since) if args.since else None
+    out, target, where = read_export(config, since=since, with_outcomes_only=args.with_outcomes_only)
+    write_table(out, args.out)
+    with_outcome = int(out[target].notna().sum()) if target in out else 0
+    print(f"exported {len(out)} logged rows ({with_outcome} with outcomes) from {where} "
+          f"to {args.out}; train the next model with --target {target}")
+    return 0
+
+
+def read_export(config: Any, since: float | None = None,
+                with_outcomes_only: bool = False) -> tuple[pd.DataFrame, str, str]:
+    """(the prediction log as ``export`` writes it, the target column, the store as shown)."""
     from .profile import Profile
     from .store.sql import Store
 
-    config = load_config(args.config)
     target = Profile.load(config.profile).target
     store = Store(config.store.url, prefix=config.store.table_prefix)
-    since = _parse_time(args.since) if args.since else None
-    with tqdm(total=1, desc="reading the prediction log", file=sys.stderr) as bar:
-        df = store.joined(since=since, with_outcomes_only=args.with_outcomes_only)
-        bar.update()
-    out = export_frame(df, target)
-    write_table(out, args.out)
-    with_outcome = int(out[target].notna().sum()) if target in out else 0
-    print(f"exported {len(out)} logged rows ({with_outcome} with outcomes) from {store.url_display} "
-          f"to {args.out}; train the next model with --target {target}")
-    return 0
+    try:
+        with tqdm(total=1, desc="reading the prediction log", file=sys.stderr) as bar:
+            df = store.joined(since=since, with_outcomes_only=with_outcomes_only)
+            bar.update()
+    finally:
+        store.close()
+    return export_frame(df, target), target, store.url_display
 
 
 def export_frame(df: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -330,6 +340,137 @@ def _parse_time(v: str) -> float:
     if ts.tzinfo is None:
         ts = ts.tz_localize("UTC")
     return float(ts.timestamp())
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .profile import Profile
+    from .replay import parse_margin
+    from .retrain import load_candidate, load_with_retrain
+
+    parse_margin(args.margin)  # a bad margin fails before any work
+    config, _ = load_with_retrain(args.config)
+    profile = Profile.load(args.profile or config.profile)
+    candidate = load_candidate(args.candidate, task=config.task, trusted=args.trusted)
+    since = _parse_time(args.since) if args.since else None
+    rows, target, where = read_export(config, since=since, with_outcomes_only=True)
+    result = _replay(candidate, rows, profile, target, config.task, args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"replay of {args.candidate} on {result.n} logged row(s) with outcomes from {where}"
+              + (f" since {args.since}" if args.since else ""))
+        print(format_replay(result))
+    return _replay_status(result)
+
+
+def _replay(candidate: Any, rows: pd.DataFrame, profile: Any, target: str, task: str,
+            args: argparse.Namespace) -> Any:
+    """The candidate run on the logged feature columns of ``rows``, replayed beside the live models."""
+    from .replay import replay
+
+    missing = [f for f in profile.feature_names if f not in rows.columns]
+    if missing and len(rows):
+        raise GuardedServingError(
+            f"the logged rows lack {len(missing)} feature column(s) the candidate needs: {', '.join(missing)} "
+            "(is prediction_log.log_features off?)")
+    parts = [np.empty(0)]
+    for chunk in _chunks(rows[list(profile.feature_names)] if len(rows) else rows.iloc[0:0], "replaying"):
+        if not len(chunk):
+            continue
+        try:
+            parts.append(np.asarray(candidate.predict(chunk).labels).reshape(-1))
+        except GuardedServingError:
+            raise
+        except Exception as e:
+            raise GuardedServingError(f"the candidate failed on the logged rows: {type(e).__name__}: {e}") from e
+    preds = np.concatenate(parts)
+    return replay(rows, preds, task, target=target, margin=args.margin, n_boot=args.resamples, seed=args.seed)
+
+
+def _replay_status(result: Any) -> int:
+    """1 when the candidate is worse than the guarded service by more than the margin (a gate)."""
+    from .replay import Verdict
+
+    return 1 if result.verdict == Verdict.WORSE else 0
+
+
+def format_replay(result: Any) -> str:
+    """A replay as one table per set of rows: each model's metrics with their intervals, then the
+    candidate's improvement over each live model and the verdict."""
+    from .replay import ROLES
+
+    lines = []
+    names = [m for m in result.scopes["all"].metrics["candidate"] if m != "n"] or [result.metric]
+    pct = round(result.confidence * 100)
+    for scope_name, scope in result.scopes.items():
+        title = "all rows" if scope_name == "all" else f"rows the service routed to the {scope_name}"
+        lines.append(f"\n{title} ({scope.n})")
+        lines.append(f"  {'model':<10} {'rows':>7}  " + "  ".join(f"{m + f' [{pct}% interval]':<34}" for m in names))
+        for role in ROLES:
+            m = scope.metrics[role]
+            cells = [f"{_fmt(m.get(k))} [{_fmt(scope.intervals[role][k][0])}, {_fmt(scope.intervals[role][k][1])}]"
+                     for k in names]
+            lines.append(f"  {role:<10} {int(m.get('n', 0)):>7}  " + "  ".join(f"{c:<34}" for c in cells))
+        for ref, c in scope.comparisons.items():
+            lo, hi = c.intervals.get(c.metric, (float("nan"), float("nan")))
+            lines.append(f"  candidate vs {ref:<9} {c.metric} improvement {_fmt(c.improvement.get(c.metric))} "
+                         f"[{_fmt(lo)}, {_fmt(hi)}] on {c.n} rows, margin {_fmt(c.margin)}: {c.verdict}")
+    lines.append(f"\nverdict: {result.verdict} (the candidate against the guarded service on all rows, "
+                 f"{result.metric}, margin {result.margin}; improvement > 0 means the candidate is better)")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return f"{v:.4g}"
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .profile import Profile
+    from .retrain import RetrainSpec, load_candidate, load_with_retrain, run, split_holdout
+
+    config, spec = load_with_retrain(args.config)
+    if args.command_line:
+        spec = RetrainSpec.from_dict({"command": args.command_line}, base=Path(args.config).parent.resolve())
+    if spec is None:
+        raise ConfigError(f"{args.config} has no retrain: section with a command (or pass --command)")
+    profile = Profile.load(config.profile)
+    since_text = args.since or spec.since
+    since = _parse_time(since_text) if since_text else None
+    rows, target, where = read_export(config, since=since)
+    holdout_fraction = spec.holdout if args.holdout is None else args.holdout
+    train, holdout = split_holdout(rows, target, holdout_fraction)
+    plan = spec.plan(run_dir=spec.new_run_dir(), config=Path(args.config).resolve(),
+                     profile=Path(config.profile).resolve(), target=target, task=config.task)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    write_table(train, plan.export)
+    n_outcomes = int(train[target].notna().sum()) if target in train else 0
+    print(f"exported {len(train)} logged rows ({n_outcomes} with outcomes) from {where} to {plan.export}; "
+          f"{len(holdout)} newer row(s) with outcomes held out for the replay", file=sys.stderr)
+    with tqdm(total=1, desc="retraining", file=sys.stderr) as bar:
+        done = run(plan)
+        bar.update()
+    print(f"candidate {done.candidate} (retrained in {done.seconds:.1f} s; output in {done.log})",
+          file=sys.stderr if args.json else sys.stdout)
+    run_info = {"candidate_path": str(done.candidate), "run_dir": str(plan.run_dir), "log": str(done.log),
+                "seconds": round(done.seconds, 3)}
+    if not len(holdout):
+        if args.json:
+            print(json.dumps({**run_info, "replay": None}, indent=2))
+        else:
+            print("no held-out rows with outcomes to replay on; replay it later with "
+                  f"guarded-serving replay {args.config} --candidate {done.candidate}")
+        return 0
+    candidate = load_candidate(done.candidate, task=config.task, trusted=spec.trusted)
+    result = _replay(candidate, holdout, profile, target, config.task, args)
+    if args.json:
+        print(json.dumps({**run_info, "replay": result.to_dict()}, indent=2))
+    else:
+        print(f"replay on the {result.n} held-out row(s) with outcomes, newest first out of the export:")
+        print(format_replay(result))
+    return _replay_status(result)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -437,11 +578,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-outcomes-only", action="store_true", help="only rows with a true outcome")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("replay", help="score a candidate model on the logged rows with outcomes, "
+                                      "beside the live primary, fallback and guarded answers")
+    p.add_argument("config", help="serving config YAML (names the store and the profile)")
+    p.add_argument("--candidate", required=True, metavar="MODEL",
+                   help="the candidate: a .onnx file, a trusted .joblib/.pkl (with --trusted) or module:function")
+    p.add_argument("--profile", help="the candidate's profile: its features are the columns it gets "
+                                     "(default: the config's profile)")
+    p.add_argument("--since", help="only rows logged since an ISO time or a duration ago (24h, 7d)")
+    _replay_options(p)
+    p.add_argument("--trusted", action="store_true", help="allow loading a pickle/joblib candidate")
+    p.add_argument("--json", action="store_true", help="print the replay as JSON")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("retrain", help="run the config's retrain command on a fresh export and replay "
+                                       "its candidate on the newest outcomes")
+    p.add_argument("config", help="serving config YAML with a retrain: section")
+    p.add_argument("--command", dest="command_line", metavar="CMD",
+                   help="the training command (overrides retrain.command; placeholders as there)")
+    p.add_argument("--since", help="export only rows logged since then (overrides retrain.since)")
+    p.add_argument("--holdout", type=float, help="newest fraction of rows with outcomes kept for the "
+                                                 "replay (overrides retrain.holdout, default 0.2)")
+    _replay_options(p)
+    p.add_argument("--json", action="store_true", help="print the run and its replay as JSON")
+    p.set_defaults(func=cmd_retrain)
+
     p = sub.add_parser("report", help="render the drift and performance report as one HTML file")
     p.add_argument("config", help="serving config YAML (names the store)")
     p.add_argument("--out", default="drift.html")
     p.set_defaults(func=cmd_report)
     return ap
+
+
+def _replay_options(p: argparse.ArgumentParser) -> None:
+    from .replay import N_BOOT, SEED
+
+    p.add_argument("--margin", default="0", metavar="M",
+                   help="smallest difference that counts, in the metric's units or as a percentage of "
+                        "the live value (2%%); exit status 1 when the candidate is worse by more (default 0)")
+    p.add_argument("--resamples", type=int, default=N_BOOT, help=f"bootstrap resamples (default {N_BOOT})")
+    p.add_argument("--seed", type=int, default=SEED, help=f"bootstrap seed (default {SEED})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,31 @@
+"""Logged production traffic with outcomes, made in-process: a ServingRuntime on a temporary
+SQLite store serves the rows and takes their true outcomes back (no HTTP)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from guarded_serving.retrain import load_with_retrain
+from guarded_serving.runtime import ServingRuntime
+
+from ._data import TARGET, features
+
+
+def log_traffic(config_path: Path, rows: pd.DataFrame, batch: int = 100) -> None:
+    """Serve ``rows`` (features and ``price``) in requests of ``batch`` rows, then send every
+    row's outcome back, through the runtime's public methods only."""
+    config, _ = load_with_retrain(config_path)
+    rt = ServingRuntime(config)
+    try:
+        items = []
+        for start in range(0, len(rows), batch):
+            chunk = rows.iloc[start : start + batch]
+            rid = uuid.uuid4().hex
+            rt.predict(features(chunk), request_id=rid)
+            items += [(rid, i, float(v)) for i, v in enumerate(chunk[TARGET])]
+        rt.feedback(items)
+    finally:
+        rt.close()
