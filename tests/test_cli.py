@@ -41,7 +41,8 @@ def test_profile_fallback_check_predict(tmp_path, capsys) -> None:
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "c.yaml").write_text("name: x\n")
     assert main(["predict", str(tmp_path / "c.yaml"), str(DATA / "serve.parquet")]) == 2
-    assert "missing required key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "task: required key missing" in err and "profile: required key missing" in err
 
 
 @pytest.mark.e2e
