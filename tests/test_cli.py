@@ -14,7 +14,7 @@ from guarded_serving.cli import main
 from guarded_serving.profile import Profile
 
 from ._data import CONFIG, EXAMPLE, features, holdout, json_rows
-from .server import free_port, kill_tree, worker_processes, write_config
+from .server import free_port, kill_tree, wait_until, worker_processes, write_config
 
 DATA = EXAMPLE / "data"
 
@@ -88,3 +88,60 @@ def test_serve_runs_bentoml_with_the_workers_asked_and_stops_on_sigterm(tmp_path
             kill_tree(proc.pid)
             proc.wait()
         log.close()
+
+
+def _serve(tmp_path: Path, cfg: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).parent / "guarded-serving"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "true"}
+    log = (tmp_path / "serve.log").open("wb")
+    return subprocess.Popen([str(exe), "serve", str(cfg), "--port", str(port), "--workers", str(workers)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"primary": {"path": "untrusted.joblib"}}, "refusing to load"),
+    ({"primary": {"path": "corrupt.onnx"}}, "cannot load ONNX model"),
+    ({"task": "classification"}, "the profile says 'regression'"),
+])
+def test_serve_exits_nonzero_with_the_reason_when_a_model_cannot_load(tmp_path, overrides, reason) -> None:
+    (tmp_path / "untrusted.joblib").write_bytes(b"not really a pickle")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
+    if "primary" in overrides:
+        overrides = {"primary": {"path": str(tmp_path / overrides["primary"]["path"])}}
+    proc = _serve(tmp_path, write_config(tmp_path, **overrides), free_port())
+    try:
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    assert reason in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.e2e
+def test_workers_die_with_a_killed_server(tmp_path) -> None:
+    import psutil
+
+    port = free_port()
+    proc = _serve(tmp_path, write_config(tmp_path), port, workers=2)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        try:
+            return httpx.get(url + "/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 90)
+        workers = worker_processes(proc.pid)
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's process group; workers have their own sessions
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, alive
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/readyz", timeout=2)
+    finally:
+        kill_tree(proc.pid)
