@@ -145,3 +145,40 @@ def test_workers_die_with_a_killed_server(tmp_path) -> None:
             httpx.get(url + "/readyz", timeout=2)
     finally:
         kill_tree(proc.pid)
+
+
+def test_predict_names_missing_columns_and_exits_2(tmp_path, capsys) -> None:
+    data = tmp_path / "no_depth.csv"
+    features(holdout()).head(20).drop(columns=["depth", "table"]).to_csv(data, index=False)
+    assert main(["predict", str(CONFIG), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "depth, table" in err and '"column": "depth"' in err
+
+
+def test_export_writes_the_format_its_suffix_names(tmp_path, capsys) -> None:
+    from guarded_serving.config import load_config
+    from guarded_serving.runtime import ServingRuntime
+
+    cfg = write_config(tmp_path)
+    rt = ServingRuntime(load_config(cfg))
+    rt.predict(json_rows(features(holdout()).head(3)), request_id="export-1")
+    rt.close()
+    assert main(["export", str(cfg), "--out", str(tmp_path / "log.json")]) == 0
+    records = json.loads((tmp_path / "log.json").read_text())
+    assert [r["request_id"] for r in records] == ["export-1"] * 3 and "carat" in records[0]
+    assert main(["export", str(cfg), "--out", str(tmp_path / "log.jsonl")]) == 0
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+    assert main(["export", str(cfg), "--out", str(tmp_path / "log.xlsx")]) == 2
+    assert "unknown file type '.xlsx'" in capsys.readouterr().err
+    assert not (tmp_path / "log.xlsx").exists()
+
+
+def test_predict_finds_a_callable_in_the_working_directory_as_serve_does(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "my_price_model.py").write_text("def predict(df):\n    return df['carat'] * 1000.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    cfg = write_config(tmp_path, primary={"callable": "my_price_model:predict"})
+    data = tmp_path / "rows.csv"
+    features(holdout()).head(5).to_csv(data, index=False)
+    assert main(["predict", str(cfg), str(data)]) == 0
+    assert "5 rows: 5 primary" in capsys.readouterr().err
