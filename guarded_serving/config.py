@@ -50,6 +50,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, Problem
+from .feedback import OUTCOME_RANGE_MARGIN
 from .policy import Policy
 
 DATA_DIR_ENV = "GUARDED_SERVING_DATA_DIR"
@@ -187,9 +188,10 @@ class LimitsConfig(_Section):
 
 
 class FeedbackConfig(_Section):
-    #: Regression outcomes must lie within the training target's [min, max] widened by this
-    #: fraction of its range on each side; null: any finite number.
-    outcome_range_margin: Annotated[float, Ge(0)] | None = 1.0
+    #: Regression outcomes must lie within the training target's [min, max] widened by this many
+    #: times its range on each side (live outcomes may well leave the training range, as rows do:
+    #: the default keeps them and refuses only the implausible); null: any finite number.
+    outcome_range_margin: Annotated[float, Ge(0)] | None = OUTCOME_RANGE_MARGIN
 
 
 class ServingConfig(_Section):

@@ -26,7 +26,7 @@ from .errors import PayloadError, Problem, SchemaError
 #: Request ids this service issues or accepts (``X-Request-ID``); any other id is unknown.
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Default widening of the training target's range for plausible regression outcomes.
-OUTCOME_RANGE_MARGIN = 1.0
+OUTCOME_RANGE_MARGIN = 5.0
 
 
 @dataclass(frozen=True)
