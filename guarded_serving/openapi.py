@@ -12,6 +12,7 @@ their methods). Pure: no HTTP here, the service module serves both.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 OPENAPI_VERSION = "3.1.0"
@@ -54,7 +55,7 @@ def _outcome(task: str) -> dict[str, Any]:
     return {"type": "number"} if task == "regression" else {"type": ["string", "integer", "boolean"]}
 
 
-def request_schemas(task: str, features: list[tuple[str, str]], max_rows: int) -> dict[str, Any]:
+def request_schemas(task: str, features: Sequence[tuple[str, str]], max_rows: int) -> dict[str, Any]:
     """JSON schemas of the request bodies, by route."""
     row = {
         "type": "object",
@@ -127,7 +128,7 @@ ROUTES = (
 )
 
 
-def openapi_document(name: str, task: str, features: list[tuple[str, str]], max_rows: int,
+def openapi_document(name: str, task: str, features: Sequence[tuple[str, str]], max_rows: int,
                      version: str = "1") -> dict[str, Any]:
     """The OpenAPI 3.1 document of the guarded service's routes."""
     requests = request_schemas(task, features, max_rows)
@@ -169,7 +170,7 @@ def openapi_document(name: str, task: str, features: list[tuple[str, str]], max_
     }
 
 
-def bentoml_schema(name: str, task: str, features: list[tuple[str, str]], max_rows: int) -> dict[str, Any]:
+def bentoml_schema(name: str, task: str, features: Sequence[tuple[str, str]], max_rows: int) -> dict[str, Any]:
     """BentoML's ``/schema.json`` for the POST routes its clients can call (``client.predict(rows=...)``,
     ``client.feedback(...)``): the same routes as the Starlette app, no ``@bentoml.api`` in between."""
     requests = request_schemas(task, features, max_rows)

@@ -576,7 +576,7 @@ class GuardedService:
         shutdown_tracing(self._provider)
 
 
-GuardedService.add_asgi_middleware(EdgeMiddleware)
+GuardedService.add_asgi_middleware(EdgeMiddleware)  # type: ignore[attr-defined]  # a bentoml.Service now
 # BentoML configures its workers' uvicorn itself; this bounds how long a request head may take.
 request_deadline.install(CONFIG.limits.header_timeout_seconds)
 
