@@ -356,6 +356,8 @@ def _status_error(status: int, method: str, path: str) -> Response:
         return error_response(NotFoundError(f"no route {shown}; see /docs.json for this service's routes"))
     if status == 405:
         return error_response(MethodNotAllowedError(f"{method} is not allowed on {shown}"))
+    if status >= 500:
+        return error_response(InternalError(f"{method} {shown} answered {status}"))
     return error_response(PayloadError(f"the request cannot be served ({status})"))
 
 
@@ -474,7 +476,12 @@ class EdgeMiddleware:
             if scope["method"] not in ("GET", "HEAD"):
                 await _status_error(405, scope["method"], path)(scope, receive, send)
             else:
-                await Response(self._document(path), media_type="application/json")(scope, receive, send)
+                try:
+                    doc = Response(self._document(path), media_type="application/json")
+                except Exception:
+                    log.exception("could not build %s", path)
+                    doc = error_response(InternalError("document failed"))
+                await doc(scope, receive, send)
         else:
             await self.app(scope, receive, _json_errors(scope, send))
 
@@ -491,12 +498,12 @@ class EdgeMiddleware:
 
 
 def _json_errors(scope: Scope, send: Send) -> Send:
-    """``send`` that turns BentoML's plain-text 404/405 into our JSON error body."""
+    """``send`` that turns BentoML's plain-text errors (404, 405, 500 ...) into our JSON error body."""
     replaced = False
 
     async def wrapped(message: Message) -> None:
         nonlocal replaced
-        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+        if message["type"] == "http.response.start" and message["status"] >= 400:
             ctype = next((v for k, v in message.get("headers", []) if k == b"content-type"), b"")
             if not ctype.startswith(b"application/json"):
                 replaced = True
