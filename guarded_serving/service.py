@@ -183,21 +183,21 @@ async def _read_json(request: Request, max_rows: int | None = None) -> Any:
     if length is not None and length.isdigit() and int(length) <= limit:
         raw = await request.body()
     elif length is not None and length.isdigit():
-        raise _too_large(int(length), limit)
+        raise _too_large(f"{int(length)} bytes", limit)
     else:  # chunked: count as it comes
         parts, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _too_large(size, limit)
+                raise _too_large(f"more than {limit} bytes", limit)
             parts.append(chunk)
         raw = b"".join(parts)
     return parse_body(raw, LIMITS, max_rows)
 
 
-def _too_large(size: int, limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"the body has {'at least ' if size > limit else ''}{size} bytes, more "
-                                f"than this service's limit of {limit} (limits.max_body_bytes)")
+def _too_large(size: str, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the body has {size}; this service takes at most {limit} "
+                                "(limits.max_body_bytes)")
 
 
 def _request_id(request: Request) -> str:
