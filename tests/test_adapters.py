@@ -103,6 +103,14 @@ def test_callable_classifier_pair_keeps_its_probabilities() -> None:
     np.testing.assert_allclose(p.probabilities, probs)
 
 
+def test_callable_classifier_pair_without_classes_fails_rather_than_guess() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
+    with pytest.raises(ValueError, match="declare its classes"):
+        _clf(lambda df: (np.array([5, 7]), probs)).predict(X2.head(2))
+    full = np.array([[0.7, 0.2, 0.1], [0.2, 0.1, 0.7], [0.1, 0.8, 0.1]])
+    assert _clf(lambda df: (np.array([5, 9, 7]), full)).predict(X2).classes == [5, 7, 9]
+
+
 def test_callable_classifier_probability_matrix_alone() -> None:
     probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
     assert _clf(lambda df: probs).predict(X2).labels.tolist() == [0, 1, 0]
@@ -122,7 +130,7 @@ def test_sklearn_classes_are_plain_python_values() -> None:
     assert SklearnModel(est).classes == [0, 1]
 
 
-@pytest.mark.parametrize("kind", ["stacked_onnx", "sklearn"])
+@pytest.mark.parametrize("kind", ["stacked_onnx", "sklearn", "callable_labels", "callable_pair", "callable_matrix"])
 def test_a_classifier_behind_the_guard_answers_one_class_type_on_every_route(tmp_path, kind) -> None:
     """The shuttle case: classification, one stacked ONNX input (or an sklearn primary), our fallback."""
     import json
@@ -138,8 +146,14 @@ def test_a_classifier_behind_the_guard_answers_one_class_type_on_every_route(tmp
     from guarded_serving.adapters.sklearn import SklearnModel
 
     est = LogisticRegression().fit(X, y)
-    primary = (OnnxModel(_stacked_onnx(tmp_path, est, 3, classification=True), task="classification",
-                         columns=["a", "b", "c"]) if kind == "stacked_onnx" else SklearnModel(est))
+    primary = {
+        "stacked_onnx": lambda: OnnxModel(_stacked_onnx(tmp_path, est, 3, classification=True),
+                                          task="classification", columns=["a", "b", "c"]),
+        "sklearn": lambda: SklearnModel(est),
+        "callable_labels": lambda: _clf(lambda df: est.predict(df), classes=[1, 2, 3]),
+        "callable_pair": lambda: _clf(lambda df: (est.predict(df), est.predict_proba(df)), classes=[1, 2, 3]),
+        "callable_matrix": lambda: _clf(lambda df: est.predict_proba(df), classes=est.classes_),
+    }[kind]()
     FallbackTrainer(task="classification").fit(train, "label").save_onnx(tmp_path / "fb.onnx")
     fallback = OnnxModel(tmp_path / "fb.onnx", task="classification")
     guard = GuardedModel(primary, fallback, build_profile(train, "label", task="classification"))
@@ -150,5 +164,7 @@ def test_a_classifier_behind_the_guard_answers_one_class_type_on_every_route(tmp
     body = json.loads(json.dumps(result.to_dict(), default=str))
     assert body["classes"] == [1, 2, 3]
     assert all(isinstance(p, int) for p in body["predictions"])
+    assert np.isfinite(result.probabilities).all() and np.allclose(result.probabilities.sum(axis=1), 1.0)
+    assert result.probabilities[:2].max(axis=1).min() > 0.34  # the primary's own, not zeros
     only_fallback = json.loads(json.dumps(guard.predict(rows.iloc[2:]).to_dict(), default=str))
     assert only_fallback["classes"] == body["classes"]

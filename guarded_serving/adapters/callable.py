@@ -28,8 +28,10 @@ class CallableModel:
     - a ``Prediction``.
 
     A classifier's classes (the probability columns' order) are, first, ``classes=`` given here;
-    else a ``classes`` or ``classes_`` attribute of ``fn``; else a DataFrame's columns; else the
-    sorted labels when there are as many as probability columns; else ``0 .. n_classes-1``.
+    else a ``classes`` or ``classes_`` attribute of ``fn``; else a DataFrame's columns; for a
+    probability matrix alone, ``0 .. n_classes-1``; for labels alone, the sorted labels; for a
+    pair, the label of each column's most probable rows (a batch that does not show every class
+    then fails, and its rows go to the fallback: declare the classes).
 
     >>> import pandas as pd
     >>> m = CallableModel(lambda df: df["x"] * 2, task="regression")
@@ -89,7 +91,7 @@ class CallableModel:
         if isinstance(out, tuple) and len(out) == 2:
             labels = np.asarray(out[0]).reshape(-1)
             probs = np.asarray(out[1], dtype=np.float64)
-            return Prediction(labels, probs, self._classes_of(labels, probs))
+            return Prediction(labels, probs, self.classes or _columns_by_label(labels, probs))
         if isinstance(out, pd.DataFrame):
             probs = out.to_numpy(dtype=np.float64)
             classes = self.classes or native_classes(out.columns)
@@ -110,6 +112,21 @@ class CallableModel:
         if probs is None or len(seen) == probs.shape[1]:
             return seen
         return list(range(probs.shape[1]))
+
+
+def _columns_by_label(labels: np.ndarray, probs: np.ndarray) -> list[Any]:
+    """The class of each probability column, read off rows whose label is their most probable
+    column; a ValueError (the call counts as failed) when a batch does not show every column,
+    rather than probabilities silently put under the wrong classes."""
+    if probs.ndim != 2 or probs.shape[0] != labels.size:
+        raise ValueError(f"probabilities of shape {probs.shape} for {labels.size} labels")
+    by_column: dict[int, Any] = {}
+    for label, j in zip(native_classes(labels), probs.argmax(axis=1).tolist(), strict=True):
+        by_column.setdefault(j, label)
+    if len(by_column) < probs.shape[1]:
+        raise ValueError("a classifier callable that returns (labels, probabilities) must declare its "
+                         "classes (a `classes` attribute) unless every batch shows every class")
+    return [by_column[j] for j in range(probs.shape[1])]
 
 
 def _argmax(probs: np.ndarray, classes: list[Any]) -> np.ndarray:
