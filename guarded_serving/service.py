@@ -561,7 +561,11 @@ class GuardedService:
         except Exception as e:  # pragma: no cover - BentoML internals moved
             log.warning("could not reuse BentoML's tracer provider, building one: %s", e)
         self._provider = install_tracing(CONFIG.tracing, provider, CONFIG.name)
-        _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name))
+        try:
+            _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name))
+        except GuardedServingError as e:  # a model, profile or config that cannot load
+            _stop_supervisor(e)
+            raise
         guard = _runtime.guard
         classes = getattr(guard.primary, "classes", None) or getattr(guard.fallback, "classes", None)
         _outcome_rule = OutcomeRule.from_profile(guard.profile, classes, CONFIG.feedback.outcome_range_margin)
@@ -611,6 +615,23 @@ def _watch_supervisor() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="guarded-supervisor-watch", daemon=True).start()
+
+
+def _stop_supervisor(err: GuardedServingError) -> None:
+    """Stop ``bentoml serve`` when a worker cannot start for a reason that a restart cannot cure
+    (BentoML would restart the worker forever). Only a BentoML server parent is stopped."""
+    import signal
+
+    import psutil
+
+    log.error("cannot serve %s: %s; stopping the server", CONFIG.name, err.message)
+    try:
+        parent = psutil.Process(os.getppid())
+        cmd = " ".join(parent.cmdline())
+    except psutil.Error:
+        return
+    if "bentoml" in cmd and " serve" in cmd:
+        os.kill(parent.pid, signal.SIGTERM)
 
 
 def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, workers: int = 1) -> NoReturn:

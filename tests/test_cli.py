@@ -182,3 +182,16 @@ def test_predict_finds_a_callable_in_the_working_directory_as_serve_does(tmp_pat
     features(holdout()).head(5).to_csv(data, index=False)
     assert main(["predict", str(cfg), str(data)]) == 0
     assert "5 rows: 5 primary" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_plain_bentoml_serve_stops_when_a_worker_cannot_load_its_model(tmp_path) -> None:
+    from .server import Server
+
+    (tmp_path / "corrupt.onnx").write_bytes(b"\x08\x07garbage")
+    srv = Server(write_config(tmp_path, primary={"path": str(tmp_path / "corrupt.onnx")}))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="server exited"):
+        srv.start(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert "cannot serve diamonds-price: cannot load ONNX model" in srv.logs(tail=None)
