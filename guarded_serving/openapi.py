@@ -179,9 +179,11 @@ def bentoml_schema(name: str, task: str, features: Sequence[tuple[str, str]], ma
     return {
         "name": name,
         "type": "service",
+        "description": "A model behind a guard (guarded-serving); the full API is at /docs.json.",
         "routes": [
-            {"name": key, "route": f"/{key}", "batchable": False, "input": requests[key],
-             "output": responses[key], "doc": docs[key], "is_task": False}
+            {"name": key, "route": f"/{key}", "description": docs[key], "batchable": False,
+             "input": requests[key], "output": responses[key], "doc": docs[key], "is_task": False}
             for key in ("predict", "feedback")
         ],
+        "paths": {path: {"mounted": True} for path, *_ in ROUTES},
     }
