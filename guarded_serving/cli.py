@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .errors import GuardedServingError
+from .errors import GuardedServingError, Problem
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 10_000
@@ -33,10 +34,30 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise GuardedServingError(f"cannot read {p}: expected a .csv or .parquet file")
 
 
-def write_table(df: pd.DataFrame, path: str | Path) -> None:
+#: Output formats by file suffix.
+WRITERS = {".csv": "CSV", ".parquet": "Parquet", ".pq": "Parquet", ".json": "JSON (an array of records)",
+           ".jsonl": "JSON lines"}
+
+
+def output_suffix(path: str | Path) -> str:
+    """The suffix of an output file if this CLI can write it (``WRITERS``); else an error, before
+    any work is done."""
     p = Path(path)
-    if p.suffix == ".csv":
+    suffix = p.suffix.lower()
+    if suffix not in WRITERS:
+        known = ", ".join(WRITERS)
+        raise GuardedServingError(f"cannot write {p}: unknown file type {p.suffix or '(none)'!r}; use one of {known}")
+    return suffix
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` in the format its suffix names (``WRITERS``)."""
+    p = Path(path)
+    suffix = output_suffix(p)
+    if suffix == ".csv":
         df.to_csv(p, index=False)
+    elif suffix in (".json", ".jsonl"):
+        df.to_json(p, orient="records", lines=suffix == ".jsonl", date_format="iso", double_precision=15)
     else:
         df.to_parquet(p, index=False)
 
@@ -230,9 +251,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .config import load_config
     from .guard import GuardedModel
 
+    if args.out:
+        output_suffix(args.out)
     config = load_config(args.config)
     gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
     data = read_table(args.data)
+    missing = [f.name for f in gm.profile.features if f.name not in data.columns]
+    if missing:
+        raise GuardedServingError(
+            f"{args.data} lacks {len(missing)} feature column(s) of the profile: {', '.join(missing)}",
+            [Problem(problem="missing column", column=c, expected="a column of the profile") for c in missing])
     parts = []
     for chunk in _chunks(data, "predicting"):
         r = gm.predict(chunk, on_reject="mark")
@@ -281,6 +309,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
 
+    output_suffix(args.out)
     config = load_config(args.config)
     since = _parse_time(args.since) if args.since else None
     out, target, where = read_export(config, since=since, with_outcomes_only=args.with_outcomes_only)
@@ -551,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run the guarded model in-process over a file")
     p.add_argument("config", help="serving config YAML")
     p.add_argument("data")
-    p.add_argument("--out", help="write rows with prediction, route and reasons (.parquet or .csv)")
+    p.add_argument("--out", help="write rows with prediction, route and reasons (.parquet, .csv, .json or .jsonl)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="serve a guarded model over HTTP with BentoML")
@@ -573,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the prediction log (features, predictions, routes, "
                                       "outcomes) as a training set")
     p.add_argument("config", help="serving config YAML (names the store)")
-    p.add_argument("--out", required=True, help="output .parquet or .csv")
+    p.add_argument("--out", required=True, help="output .parquet, .csv, .json or .jsonl")
     p.add_argument("--since", help="only rows logged since an ISO time or a duration ago (24h, 7d)")
     p.add_argument("--with-outcomes-only", action="store_true", help="only rows with a true outcome")
     p.set_defaults(func=cmd_export)
@@ -622,6 +651,10 @@ def _replay_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `bentoml serve` imports from the working directory; so does the CLI, so a callable model
+    # (`callable: mymodels:predict`) is found the same way by `predict` as by `serve`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,6 +1,8 @@
-"""The serving config: YAML, validated once when loaded, every error naming its key.
+"""The serving config: one declared schema, validated once when loaded, every problem reported at once.
 
-Paths are relative to the config file. Defaults live here and only here.
+Each field carries its default and its limits (``Annotated[int, Gt(0)]``), in the manner of
+BentoML's own ``service/config.py``; this module is the one place they live. Paths are relative to
+the config file.
 
 ```yaml
 name: diamonds-price
@@ -13,108 +15,245 @@ max_rows: 1000
 policy: {range_margin: 0.0}
 tracing: {endpoint: "http://127.0.0.1:4318/v1/traces", protocol: http/protobuf}
 store: {url: "sqlite:///guarded-serving.sqlite3"}
+limits: {max_body_bytes: 4194304}
+auth: {protect_metrics: true}
 ```
+
+>>> from pathlib import Path
+>>> c = parse_config({"name": "m", "task": "regression", "primary": {"callable": "m:f"},
+...                   "fallback": {"callable": "m:g"}, "profile": "README.md",
+...                   "drift": {"min_rows": 0}}, base=Path("."))
+Traceback (most recent call last):
+...
+guarded_serving.errors.ConfigError: drift.min_rows: must be greater than 0, got 0
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
-from .errors import ConfigError
+from .errors import ConfigError, Problem
+from .feedback import OUTCOME_RANGE_MARGIN
 from .policy import Policy
 from .profile import Profile
 
+DATA_DIR_ENV = "GUARDED_SERVING_DATA_DIR"
+STORE_URL_ENV = "GUARDED_SERVING_STORE_URL"
 
-@dataclass(frozen=True)
-class ModelSpec:
+
+def _resolve(v: Any, info: ValidationInfo) -> Any:
+    """A path from the config, relative to the config file's directory."""
+    if v is None or isinstance(v, Path):
+        return v
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a file path, got {v!r}")
+    p = Path(os.path.expandvars(v)).expanduser()
+    base = (info.context or {}).get("base", Path("."))
+    return p if p.is_absolute() else Path(base) / p
+
+
+def _exists(p: Path | None) -> Path | None:
+    if p is not None and not p.exists():
+        raise ValueError(f"file {p} does not exist")
+    return p
+
+
+def _text(v: Any) -> Any:
+    return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _policy(v: Any) -> Policy:
+    if isinstance(v, Policy):
+        return v
+    if v is not None and not isinstance(v, dict):
+        raise ValueError("must be a mapping")
+    try:
+        return Policy.from_dict(v)
+    except ConfigError as e:
+        raise ValueError(e.message) from None
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    """One column name or a list of them, as a tuple."""
+    if v is None or v == "":
+        return ()
+    if isinstance(v, str):
+        return (v,)
+    if isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v):
+        return tuple(v)
+    raise ValueError(f"must be a column name or a list of them, got {v!r}")
+
+
+File = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_exists)]
+PositiveInt = Annotated[int, Gt(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSpec(_Section):
     """Where a model comes from: a file, a BentoML model-store tag, or ``module:function``."""
 
-    path: Path | None = None
+    path: Annotated[Path | None, BeforeValidator(_resolve), AfterValidator(_exists)] = None
     bentoml_tag: str | None = None
-    callable: str | None = None
+    callable: Annotated[str | None, Field(pattern=r"^[\w.]+:[\w.]+$")] = None
+    #: Pickle/joblib files execute code when loaded: they load only when marked trusted.
     trusted: bool = False
     name: str | None = None
-    version: str | None = None
+    version: Annotated[str | None, BeforeValidator(_text)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("path", "bentoml_tag", "callable") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of path, bentoml_tag or callable (got {given or 'none'})")
+        return self
 
 
-@dataclass(frozen=True)
-class TracingConfig:
+class TracingConfig(_Section):
     #: OTLP endpoint; None: export nothing from the config (BentoML's or OTEL_* settings may apply).
     endpoint: str | None = None
-    protocol: str = "http/protobuf"  # or "grpc"
-    sample_rate: float = 1.0
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    sample_rate: Annotated[float, Ge(0.0), Le(1.0)] = 1.0
     service_name: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class StoreConfig:
-    #: SQLAlchemy URL; default: $GUARDED_SERVING_STORE_URL, else {data_dir}/{name}.sqlite3.
+class StoreConfig(_Section):
+    #: SQLAlchemy URL. Default: $GUARDED_SERVING_STORE_URL, else a SQLite file named for the model
+    #: in the data directory (see ``data_dir``), never beside the config or the models.
     url: str = ""
-    flush_seconds: float = 5.0
+    flush_seconds: PositiveFloat = 5.0
     #: Put before every table name, so several models (or environments) can share one database.
-    table_prefix: str = "gs_"
+    table_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")] = "gs_"
 
 
-@dataclass(frozen=True)
-class DriftConfig:
+class DriftConfig(_Section):
     enabled: bool = True
-    window_rows: int = 1000
-    window_seconds: float | None = None
-    min_rows: int = 200
-    consecutive_windows_for_retrain: int = 3
+    window_rows: PositiveInt = 1000
+    window_seconds: PositiveFloat | None = None
+    min_rows: PositiveInt = 200
+    consecutive_windows_for_retrain: PositiveInt = 3
     webhook_url: str | None = None
 
 
-@dataclass(frozen=True)
-class PredictionLogConfig:
+class PredictionLogConfig(_Section):
     enabled: bool = True
     shadow_fallback: bool = True
     #: Also run the primary on rows sent to the fallback, so outcomes show whether routing helped.
     shadow_primary: bool = True
     log_features: bool = True
-    retention_days: float = 30.0
-    queue_size: int = 10000
-    batch_size: int = 500
+    retention_days: Annotated[float, Ge(0)] = 30.0
+    queue_size: PositiveInt = 10000
+    batch_size: PositiveInt = 500
 
 
-@dataclass(frozen=True)
-class AuthConfig:
-    token_env: str = "GUARDED_SERVING_TOKEN"
+class AuthConfig(_Section):
+    """Who may call what. When ``$token_env`` is set, every route needs it as a bearer token
+    except those left public here: ``/predict``, ``/livez``/``/readyz`` and ``/metrics``."""
+
+    token_env: Annotated[str, Field(min_length=1)] = "GUARDED_SERVING_TOKEN"
     protect_predict: bool = False
+    #: ``/livez``, ``/readyz`` (and BentoML's ``/healthz``).
+    protect_health: bool = False
+    protect_metrics: bool = False
+    #: Failed token checks a client (by address) may make per window before it gets 429s.
+    max_failures: PositiveInt = 10
+    failure_window_seconds: PositiveFloat = 60.0
 
 
-@dataclass(frozen=True)
-class ServingConfig:
-    name: str
-    task: str
+class LimitsConfig(_Section):
+    """What one request may hold; beyond it the answer is a 4xx before the work is done."""
+
+    #: Request body size; larger bodies get 413 before they are read.
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    #: Characters in any one string of a body (a category, an id).
+    max_string_length: PositiveInt = 1000
+    #: Nesting of arrays and objects in a body ({"rows": [{...}]} is 3).
+    max_json_depth: Annotated[int, Ge(3), Le(500)] = 32
+    #: Time a client has to send a request's line and headers before the connection is closed.
+    header_timeout_seconds: PositiveFloat = 10.0
+
+
+class FeedbackConfig(_Section):
+    #: Regression outcomes must lie within the training target's [min, max] widened by this many
+    #: times its range on each side (live outcomes may well leave the training range, as rows do:
+    #: the default keeps them and refuses only the implausible); null: any finite number.
+    outcome_range_margin: Annotated[float, Ge(0)] | None = OUTCOME_RANGE_MARGIN
+
+
+class ServingConfig(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    task: Literal["regression", "classification"]
     primary: ModelSpec
     fallback: ModelSpec
-    profile: Path
-    latency_budget_ms: float | None = None
-    max_rows: int = 1000
-    policy: Policy = field(default_factory=Policy)
-    tracing: TracingConfig = field(default_factory=TracingConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    prediction_log: PredictionLogConfig = field(default_factory=PredictionLogConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    source: Path | None = None
-    #: Columns that are the time of a row (see ``policy.Policy.time_index``).
-    time_index: tuple[str, ...] = ()
+    profile: File
+    latency_budget_ms: PositiveFloat | None = None
+    max_rows: PositiveInt = 1000
+    policy: Annotated[Policy, PlainValidator(_policy)] = Field(default_factory=Policy)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    prediction_log: PredictionLogConfig = Field(default_factory=PredictionLogConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    #: Columns that are the time of a row, not range-checked nor in the outlier score (see
+    #: ``policy.Policy.time_index``): a name or a list of names.
+    time_index: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    #: The file this config was read from (set by ``load_config``, not a key of the file).
+    source: Path | None = Field(default=None, exclude=True)
 
 
-_TOP_REQUIRED = ("name", "task", "primary", "fallback", "profile")
+def data_dir() -> Path:
+    """Where guarded-serving keeps its files by default: ``$GUARDED_SERVING_DATA_DIR``, else
+    ``$XDG_DATA_HOME/guarded-serving``, else ``~/.local/share/guarded-serving``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / "guarded-serving"
+
+
+def default_store_url(name: str) -> str:
+    """``$GUARDED_SERVING_STORE_URL``, else a SQLite file named for the model in ``data_dir()``
+    (created here, on first use)."""
+    env = os.environ.get(STORE_URL_ENV)
+    if env:
+        return env
+    d = data_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{d / re.sub(r'[^A-Za-z0-9._-]', '_', name)}.sqlite3"
 
 
 def load_config(path: str | Path) -> ServingConfig:
-    """Read and validate a serving config file."""
+    """Read and validate a serving config file; a ConfigError lists every problem, by key."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -125,157 +264,60 @@ def load_config(path: str | Path) -> ServingConfig:
     try:
         return parse_config(raw, base=path.parent.resolve(), source=path.resolve())
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e.message}") from e
+        raise ConfigError(f"{path}: {e.message}", e.problems) from e
 
 
 def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingConfig:
+    """Validate a config mapping (paths relative to ``base``)."""
     if not isinstance(raw, dict):
         raise ConfigError("the serving config must be a mapping of keys to values")
-    missing = [k for k in _TOP_REQUIRED if k not in raw]
-    if missing:
-        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-    known = {f.name for f in fields(ServingConfig)} - {"source"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; known keys are {sorted(known)}")
-    task = raw["task"]
-    if task not in ("regression", "classification"):
-        raise ConfigError(f"task: must be 'regression' or 'classification', got {task!r}")
-    name = raw["name"]
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"name: must be a non-empty string, got {name!r}")
-    profile = _path(raw["profile"], base, "profile")
-    if not profile.exists():
-        raise ConfigError(f"profile: file {profile} does not exist")
-    budget = raw.get("latency_budget_ms")
-    if budget is not None and (not _is_number(budget) or budget <= 0):
-        raise ConfigError(f"latency_budget_ms: must be a positive number or null, got {budget!r}")
-    max_rows = raw.get("max_rows", 1000)
-    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
-        raise ConfigError(f"max_rows: must be a positive integer, got {max_rows!r}")
-    policy_raw = raw.get("policy") or {}
-    if not isinstance(policy_raw, dict):
-        raise ConfigError("policy: must be a mapping")
+    raw = dict(raw)
+    stray = ["source"] if "source" in raw else []
+    raw.pop("source", None)
     try:
-        policy = Policy.from_dict(policy_raw, time_index=raw.get("time_index"))
-        if policy.features or policy.time_index:  # names must be the profile's features
-            policy.require_features(Profile.load(profile).feature_names)
-    except ConfigError as e:
-        raise ConfigError(f"policy: {e.message}", e.problems) from e
-    store = _section(raw, "store", StoreConfig)
-    if not store.url:
-        url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{data_dir() / (name + '.sqlite3')}"
-        store = StoreConfig(url=url, flush_seconds=store.flush_seconds, table_prefix=store.table_prefix)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", store.table_prefix):
-        raise ConfigError(f"store.table_prefix: must be letters, digits and _, got {store.table_prefix!r}")
-    if store.flush_seconds <= 0:
-        raise ConfigError(f"store.flush_seconds: must be positive, got {store.flush_seconds!r}")
-    tracing = _section(raw, "tracing", TracingConfig)
-    if tracing.protocol not in ("http/protobuf", "grpc"):
-        raise ConfigError(f"tracing.protocol: must be 'http/protobuf' or 'grpc', got {tracing.protocol!r}")
-    if not 0.0 <= tracing.sample_rate <= 1.0:
-        raise ConfigError(f"tracing.sample_rate: must be between 0 and 1, got {tracing.sample_rate!r}")
-    return ServingConfig(
-        name=name,
-        task=task,
-        primary=_model(raw["primary"], base, "primary"),
-        fallback=_model(raw["fallback"], base, "fallback"),
-        profile=profile,
-        latency_budget_ms=float(budget) if budget is not None else None,
-        max_rows=max_rows,
-        policy=policy,
-        tracing=tracing,
-        store=store,
-        drift=_section(raw, "drift", DriftConfig),
-        prediction_log=_section(raw, "prediction_log", PredictionLogConfig),
-        auth=_section(raw, "auth", AuthConfig),
-        source=source,
-        time_index=policy.time_index,
-    )
+        config = ServingConfig.model_validate(raw, context={"base": base})
+        problems = []
+    except ValidationError as e:
+        problems = [_problem(err) for err in e.errors()]
+    problems += [Problem(problem=f"unknown key; known keys are {_known(())}", column=k) for k in stray]
+    if problems:
+        lines = [f"{p.column}: {p.problem}" for p in problems]
+        raise ConfigError("; ".join(lines) if len(lines) == 1 else
+                          f"{len(lines)} problems: " + "; ".join(lines), problems)
+    update: dict[str, Any] = {"source": source}
+    policy = config.policy.with_time_index(config.time_index)
+    if policy.features or policy.time_index:  # names must be the profile's features
+        try:
+            policy.require_features(Profile.load(config.profile).feature_names)
+        except ConfigError as e:
+            raise ConfigError(f"policy: {e.message}", e.problems) from e
+    update["policy"], update["time_index"] = policy, policy.time_index
+    if not config.store.url:
+        update["store"] = config.store.model_copy(update={"url": default_store_url(config.name)})
+    return config.model_copy(update=update)
 
 
-def data_dir() -> Path:
-    """Where the default SQLite store lives (created on first use): $GUARDED_SERVING_DATA_DIR,
-    else $XDG_DATA_HOME/guarded-serving, else ~/.local/share/guarded-serving. Never beside the
-    config, which may sit in a read-only bento or image."""
-    env = os.environ.get("GUARDED_SERVING_DATA_DIR")
-    if env:
-        path = Path(env)
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME")
-        path = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "guarded-serving"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _problem(err: Any) -> Problem:
+    """One pydantic error as a Problem naming the key (``drift.min_rows``)."""
+    loc = tuple(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+    key = ".".join(loc) or "(config)"
+    kind = err["type"]
+    if kind == "missing":
+        return Problem(problem="required key missing", column=key)
+    if kind == "extra_forbidden":
+        return Problem(problem=f"unknown key; known keys are {_known(loc[:-1])}", column=key)
+    msg = str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+    got = err.get("input")
+    if kind != "value_error" and not isinstance(got, dict):
+        msg += f", got {got!r}"
+    return Problem(problem=msg, column=key, got=None if isinstance(got, (dict, list)) else got)
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _path(v: Any, base: Path, key: str) -> Path:
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"{key}: must be a file path, got {v!r}")
-    p = Path(os.path.expandvars(v)).expanduser()
-    return p if p.is_absolute() else (base / p)
-
-
-def _model(v: Any, base: Path, key: str) -> ModelSpec:
-    if isinstance(v, str):
-        v = {"path": v}
-    if not isinstance(v, dict):
-        raise ConfigError(f"{key}: must be a mapping with path, bentoml_tag or callable")
-    allowed = {f.name for f in fields(ModelSpec)}
-    unknown = sorted(set(v) - allowed)
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; known keys are {sorted(allowed)}")
-    given = [k for k in ("path", "bentoml_tag", "callable") if v.get(k)]
-    if len(given) != 1:
-        raise ConfigError(f"{key}: give exactly one of path, bentoml_tag or callable (got {given or 'none'})")
-    path = None
-    if v.get("path"):
-        path = _path(v["path"], base, f"{key}.path")
-        if not path.exists():
-            raise ConfigError(f"{key}.path: file {path} does not exist")
-    trusted = v.get("trusted", False)
-    if not isinstance(trusted, bool):
-        raise ConfigError(f"{key}.trusted: must be true or false, got {trusted!r}")
-    return ModelSpec(
-        path=path,
-        bentoml_tag=v.get("bentoml_tag"),
-        callable=v.get("callable"),
-        trusted=trusted,
-        name=v.get("name"),
-        version=None if v.get("version") is None else str(v.get("version")),
-    )
-
-
-def _section(raw: dict[str, Any], key: str, cls: type) -> Any:
-    v = raw.get(key)
-    if v is None:
-        return cls()
-    if not isinstance(v, dict):
-        raise ConfigError(f"{key}: must be a mapping")
-    defaults = cls()
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(v) - set(known))
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-    for k, value in v.items():
-        default = getattr(defaults, k)
-        if value is None and default is None:
-            continue
-        expected: tuple[type, ...]
-        if isinstance(default, bool):
-            expected = (bool,)
-        elif isinstance(default, (int, float)) or default is None and k.endswith(("seconds", "rows")):
-            expected = (int, float)
-        elif isinstance(default, dict):
-            expected = (dict,)
-        else:
-            expected = (str,)
-        if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
-            names = " or ".join(t.__name__ for t in expected)
-            raise ConfigError(f"{key}.{k}: must be {names}, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-            raise ConfigError(f"{key}.{k}: must be an integer, got {value!r}")
-    return cls(**v)
+def _known(loc: tuple[str, ...]) -> list[str]:
+    model: Any = ServingConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(k for k in model.model_fields if k != "source")

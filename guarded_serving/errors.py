@@ -65,6 +65,34 @@ class PayloadError(GuardedServingError):
     code = "bad_request"
 
 
+class PayloadTooLargeError(GuardedServingError):
+    """A request body larger than ``limits.max_body_bytes``."""
+
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(GuardedServingError):
+    """A request body that is not ``application/json`` (or is compressed)."""
+
+    code = "unsupported_media_type"
+
+
+class MethodNotAllowedError(GuardedServingError):
+    """An HTTP method the route does not serve (``GET /predict``)."""
+
+    code = "method_not_allowed"
+
+
+class TooManyRequestsError(GuardedServingError):
+    """A client that failed the token check too often in a window; ``retry_after`` in seconds."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class BatchTooLargeError(GuardedServingError):
     """More rows in one request than the configured maximum."""
 
@@ -84,7 +112,7 @@ class FallbackFailedError(GuardedServingError):
 
 
 class NotFoundError(GuardedServingError):
-    """An id (request, row) that the store does not know."""
+    """An id (request, row) that the store does not know, or a path the service does not serve."""
 
     code = "not_found"
 
@@ -96,7 +124,7 @@ class ConflictError(GuardedServingError):
 
 
 class UnauthorizedError(GuardedServingError):
-    """A state-changing call without the configured bearer token."""
+    """A call to a protected route without the configured bearer token."""
 
     code = "unauthorized"
 
@@ -105,3 +133,9 @@ class StoreError(GuardedServingError):
     """The store (SQLite or PostgreSQL) failed or is unreachable."""
 
     code = "store_unavailable"
+
+
+class InternalError(GuardedServingError):
+    """A bug: what went wrong is in the server's log, never in the answer."""
+
+    code = "internal"

@@ -11,25 +11,34 @@ Routes (a Starlette app mounted into BentoML, so BentoML keeps ``/livez``, ``/re
 
 =====================  ==========================================================================
 ``POST /predict``      ``{"rows": [{feature: value}, ...]}`` -> predictions, routes, reasons, timing
-``POST /feedback``     true outcomes for logged rows (bearer token when GUARDED_SERVING_TOKEN is set)
+``POST /feedback``     true outcomes for logged rows, checked against the profile (feedback.py)
 ``GET /profile``       summary of the loaded training profile
 ``GET /drift``         drift statistics over windows of live traffic, merged across workers
 ``GET /performance``   live performance of primary, fallback and the guarded service on outcomes
+``GET /docs.json``     the OpenAPI document of these routes (openapi.py)
+``GET /schema.json``   the same routes as BentoML's clients read them (``client.predict(rows=...)``)
 =====================  ==========================================================================
 
-Errors are JSON objects ``{"error": code, "message": ..., "problems": [...], "request_id": ...}``
-with the status from ``STATUS_BY_CODE``.
+When ``$GUARDED_SERVING_TOKEN`` (``auth.token_env``) is set, every route needs it as a bearer
+token except ``/predict``, ``/livez``, ``/readyz`` and ``/metrics`` (each protectable in ``auth``).
+Bodies are read within ``limits`` (payload.py). Every failure of every route, BentoML's 404/405
+included, is a JSON object ``{"error": code, "message": ..., "problems": [...], "request_id": ...}``
+with the status from ``STATUS_BY_CODE``; 5xx bodies say only what failed, the details are logged.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import hmac
 import json
 import logging
 import os
-import re
 import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,20 +46,32 @@ import anyio
 import bentoml
 from opentelemetry import trace
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import request_deadline
 from .bento import bundled_config
 from .config import ServingConfig, load_config
 from .errors import (
     BatchTooLargeError,
     GuardedServingError,
+    InternalError,
+    MethodNotAllowedError,
+    NotFoundError,
     PayloadError,
+    PayloadTooLargeError,
     Problem,
+    TooManyRequestsError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
-from .runtime import ServingRuntime, new_request_id, parse_feedback
+from .feedback import REQUEST_ID, OutcomeRule, parse_feedback
+from .openapi import bentoml_schema, openapi_document
+from .payload import BodyLimits, parse_body
+from .runtime import ServingRuntime, new_request_id
 from .telemetry import ServiceMetrics, install_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -64,16 +85,39 @@ STATUS_BY_CODE = {
     "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "method_not_allowed": 405,
     "conflict": 409,
+    "payload_too_large": 413,
     "batch_too_large": 413,
+    "unsupported_media_type": 415,
     "schema_violation": 422,
+    "too_many_requests": 429,
+    "internal": 500,
     "fallback_failed": 503,
     "store_unavailable": 503,
 }
+#: What a 5xx answer says. Its own message may name a store URL, a file path or an exception:
+#: that goes to the log, never to the client.
+PUBLIC_MESSAGE = {
+    "internal": "internal error; the server's log has the details",
+    "fallback_failed": "the fallback model failed for rows that needed it, so no prediction can be "
+                       "given for them; the server's log has the details",
+    "store_unavailable": "the store is unavailable; monitoring is degraded, predictions are not "
+                         "affected; the server's log has the details",
+}
+#: Status counted for a client that went away before its request was read (nginx's convention).
+CLIENT_CLOSED = 499
 #: Batches up to this size are checked on the event loop (about 0.1-0.3 ms); only the primary
 #: model runs in a worker thread. Larger batches run wholly in a worker thread.
 INLINE_ROWS = 64
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Paths of the Starlette app below; every other path is BentoML's.
+OWN_PATHS = frozenset({"/predict", "/feedback", "/profile", "/drift", "/performance"})
+HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+#: Documents the service publishes in place of BentoML's (which know nothing of our routes).
+OPENAPI_PATHS = frozenset({"/docs.json", "/openapi.json"})
+SCHEMA_PATH = "/schema.json"
+#: Clients whose token failures are remembered at once (oldest forgotten first).
+MAX_TRACKED_CLIENTS = 10_000
 
 
 def config_path() -> Path:
@@ -83,7 +127,9 @@ def config_path() -> Path:
 
 
 CONFIG: ServingConfig = load_config(config_path())
+LIMITS = BodyLimits(max_string_length=CONFIG.limits.max_string_length, max_depth=CONFIG.limits.max_json_depth)
 _runtime: ServingRuntime | None = None
+_outcome_rule: OutcomeRule | None = None
 
 
 def runtime() -> ServingRuntime:
@@ -95,11 +141,25 @@ def runtime() -> ServingRuntime:
 # -- HTTP -------------------------------------------------------------------------------------
 
 def error_response(err: GuardedServingError, request_id: str | None = None) -> Response:
-    body = err.to_dict()
+    """The JSON error body of ``err`` with its status. 5xx bodies carry a fixed message; the
+    error's own (which may name a store URL or a path) is logged."""
+    status = STATUS_BY_CODE.get(err.code, 500)
+    if status >= 500:
+        if err.code not in PUBLIC_MESSAGE:
+            err = InternalError(err.message)
+        log.warning("answering %d %s%s: %s", status, err.code,
+                    f" to request {request_id}" if request_id else "", err.message)
+        body: dict[str, Any] = {"error": err.code, "message": PUBLIC_MESSAGE[err.code]}
+    else:
+        body = err.to_dict()
     if request_id:
         body["request_id"] = request_id
-    status = STATUS_BY_CODE.get(err.code, 500)
-    return _json(body, status, request_id, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(err, TooManyRequestsError):
+        headers["Retry-After"] = str(err.retry_after)
+    return _json(body, status, request_id, headers)
 
 
 def _json(body: Any, status: int = 200, request_id: str | None = None,
@@ -109,31 +169,41 @@ def _json(body: Any, status: int = 200, request_id: str | None = None,
     return Response(data, status_code=status, media_type="application/json", headers=headers)
 
 
-async def _read_json(request: Request) -> Any:
-    raw = await request.body()
-    if not raw:
-        raise PayloadError("the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PayloadError(f"the request body is not valid JSON: {e}") from None
+async def _read_json(request: Request, max_rows: int | None = None) -> Any:
+    """The JSON body of ``request`` within the configured limits (see ``payload.parse_body``)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None:
+        media = ctype.partition(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaTypeError(f"send the body as application/json, not {media or 'nothing'!r}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaTypeError(f"send the body uncompressed, not {encoding!r}")
+    limit = CONFIG.limits.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= limit:
+        raw = await request.body()
+    elif length is not None and length.isdigit():
+        raise _too_large(f"{int(length)} bytes", limit)
+    else:  # chunked: count as it comes
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(f"more than {limit} bytes", limit)
+            parts.append(chunk)
+        raw = b"".join(parts)
+    return parse_body(raw, LIMITS, max_rows)
 
 
-def _authorize(request: Request, rt: ServingRuntime) -> None:
-    token = os.environ.get(rt.config.auth.token_env)
-    if not token:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not value:
-        raise UnauthorizedError("this endpoint needs an 'Authorization: Bearer <token>' header")
-    if not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise UnauthorizedError("the bearer token is not valid")
+def _too_large(size: str, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the body has {size}; this service takes at most {limit} "
+                                "(limits.max_body_bytes)")
 
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID_OK.match(given) else new_request_id()
+    return given if given and REQUEST_ID.match(given) else new_request_id()
 
 
 def _rows(body: Any, max_rows: int) -> tuple[list[dict[str, Any]], str]:
@@ -142,6 +212,8 @@ def _rows(body: Any, max_rows: int) -> tuple[list[dict[str, Any]], str]:
     rows = body["rows"]
     if not isinstance(rows, list):
         raise PayloadError(f'"rows" must be a list of objects, got {type(rows).__name__}')
+    if not rows:
+        raise PayloadError('"rows" is empty; send at least one row')
     if len(rows) > max_rows:
         raise BatchTooLargeError(f"{len(rows)} rows is more than this service's maximum of {max_rows} "
                                  "(max_rows in the serving config); split the batch")
@@ -155,14 +227,37 @@ def _rows(body: Any, max_rows: int) -> tuple[list[dict[str, Any]], str]:
     return rows, on_reject
 
 
+def _endpoint(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure of a route as the JSON error body: ours with their status, a client that
+    went away as 499 (nobody reads it; not a server error), anything else a logged 500."""
+
+    @functools.wraps(fn)
+    async def route(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except GuardedServingError as e:
+            return error_response(e)
+        except ClientDisconnect:
+            return _client_gone(request)
+        except Exception:
+            log.exception("unexpected error serving %s %s", request.method, request.url.path)
+            return error_response(InternalError("unexpected error"))
+
+    return route
+
+
+def _client_gone(request: Request, request_id: str | None = None) -> Response:
+    log.info("client %s went away before sending all of %s %s%s", _client(request.scope),
+             request.method, request.url.path, f" (request {request_id})" if request_id else "")
+    return Response(status_code=CLIENT_CLOSED)
+
+
 async def predict(request: Request) -> Response:
     rt = runtime()
     rid = _request_id(request)
     status = 200
     try:
-        if rt.config.auth.protect_predict:
-            _authorize(request, rt)
-        rows, on_reject = _rows(await _read_json(request), rt.config.max_rows)
+        rows, on_reject = _rows(await _read_json(request, rt.config.max_rows), rt.config.max_rows)
         trace.get_current_span().set_attribute("guarded_serving.request.id", rid)
         if len(rows) <= INLINE_ROWS:
             result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
@@ -175,27 +270,29 @@ async def predict(request: Request) -> Response:
     except GuardedServingError as e:
         status = STATUS_BY_CODE.get(e.code, 500)
         return error_response(e, rid)
-    except Exception as e:
+    except ClientDisconnect:
+        status = CLIENT_CLOSED
+        return _client_gone(request, rid)
+    except Exception:
         status = 500
         log.exception("unexpected error serving request %s", rid)
-        return _json({"error": "internal", "message": f"{type(e).__name__}: {e}", "request_id": rid},
-                     500, rid)
+        return error_response(InternalError("unexpected error"), rid)
     finally:
         if rt.metrics is not None:
             rt.metrics.request(status)
 
 
+@_endpoint
 async def feedback(request: Request) -> Response:
     rt = runtime()
-    try:
-        _authorize(request, rt)
-        items, overwrite = parse_feedback(await _read_json(request))
-        summary = await anyio.to_thread.run_sync(rt.feedback, items, overwrite)
-        return _json({"received": len(items), **summary})
-    except GuardedServingError as e:
-        return error_response(e)
+    parsed = parse_feedback(await _read_json(request), max_rows=rt.config.max_rows)
+    if _outcome_rule is not None:
+        _outcome_rule.check(parsed)
+    summary = await anyio.to_thread.run_sync(rt.feedback, parsed.as_tuples(), parsed.overwrite)
+    return _json({"received": len(parsed.items), **summary})
 
 
+@_endpoint
 async def profile(request: Request) -> Response:
     rt = runtime()
     p = rt.profile
@@ -205,7 +302,6 @@ async def profile(request: Request) -> Response:
         "target": p.target,
         "n_rows": p.n_rows,
         "created_at": p.created_at,
-        "source": p.source,
         "content_hash": p.content_hash,
         "primary": {"name": rt.guard.primary.name, "version": rt.guard.primary.version},
         "fallback": {"name": rt.guard.fallback.name, "version": rt.guard.fallback.version},
@@ -221,43 +317,215 @@ async def profile(request: Request) -> Response:
     return _json(body)
 
 
+@_endpoint
 async def drift(request: Request) -> Response:
-    rt = runtime()
-    try:
-        view = await anyio.to_thread.run_sync(rt.drift)
-        return _json(view)
-    except GuardedServingError as e:
-        return error_response(e)
+    return _json(await anyio.to_thread.run_sync(runtime().drift))
 
 
+@_endpoint
 async def performance(request: Request) -> Response:
-    rt = runtime()
-    try:
-        since = _float_param(request, "since")
-        window = _float_param(request, "window_rows")
-        perf = await anyio.to_thread.run_sync(rt.performance, since, int(window) if window else None)
-        return _json(perf)
-    except GuardedServingError as e:
-        return error_response(e)
+    since = _number_param(request, "since")
+    window = _number_param(request, "window_rows")
+    if window is not None and (window < 1 or window != int(window) or window > 10**9):
+        raise PayloadError(f"query parameter window_rows must be a whole number from 1 to 10^9, got {window:g}")
+    rows = int(window) if window is not None else None
+    return _json(await anyio.to_thread.run_sync(runtime().performance, since, rows))
 
 
-def _float_param(request: Request, name: str) -> float | None:
+def _number_param(request: Request, name: str) -> float | None:
     v = request.query_params.get(name)
     if v is None:
         return None
     try:
-        return float(v)
+        x = float(v)
     except ValueError:
-        raise PayloadError(f"query parameter {name} must be a number, got {v!r}") from None
+        x = float("nan")
+    if x != x or x in (float("inf"), float("-inf")):
+        shown = v.encode("utf-8", "backslashreplace").decode()[:40]
+        raise PayloadError(f"query parameter {name} must be a finite number, got {shown!r}")
+    return x
 
 
-app = Starlette(routes=[
-    Route("/predict", predict, methods=["POST"]),
-    Route("/feedback", feedback, methods=["POST"]),
-    Route("/profile", profile, methods=["GET"]),
-    Route("/drift", drift, methods=["GET"]),
-    Route("/performance", performance, methods=["GET"]),
-])
+async def _http_error(request: Request, exc: Exception) -> Response:
+    code = exc.status_code if isinstance(exc, HTTPException) else 500
+    return _status_error(code, request.method, request.url.path)
+
+
+def _status_error(status: int, method: str, path: str) -> Response:
+    shown = path.encode("utf-8", "backslashreplace").decode()[:200]
+    if status == 404:
+        return error_response(NotFoundError(f"no route {shown}; see /docs.json for this service's routes"))
+    if status == 405:
+        return error_response(MethodNotAllowedError(f"{method} is not allowed on {shown}"))
+    if status >= 500:
+        return error_response(InternalError(f"{method} {shown} answered {status}"))
+    return error_response(PayloadError(f"the request cannot be served ({status})"))
+
+
+app = Starlette(
+    routes=[
+        Route("/predict", predict, methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
+        Route("/profile", profile, methods=["GET"]),
+        Route("/drift", drift, methods=["GET"]),
+        Route("/performance", performance, methods=["GET"]),
+    ],
+    exception_handlers={404: _http_error, 405: _http_error},
+)
+
+
+# -- the edge of the whole server (BentoML's routes too) --------------------------------------
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class TokenGate:
+    """The bearer token check (constant time), with a memory of each client's recent wrong
+    tokens: past ``max_failures`` in ``window_s`` a client (by address) gets 429 with Retry-After
+    on every protected route until the oldest ages out. Per worker process.
+
+    >>> gate = TokenGate("t0k", max_failures=2, window_s=60)
+    >>> [type(gate.check("10.0.0.1", h)).__name__ for h in ("Bearer x", "Bearer y", "Bearer t0k")]
+    ['UnauthorizedError', 'UnauthorizedError', 'TooManyRequestsError']
+    >>> gate.check("10.0.0.2", "Bearer t0k") is None
+    True
+    """
+
+    def __init__(self, token: str, max_failures: int, window_s: float,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        self._token = token.encode()
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_failure = on_failure
+
+    def check(self, client: str, authorization: str | None) -> GuardedServingError | None:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._failures.get(client)
+            if seen is not None:
+                while seen and seen[0] <= now - self.window_s:
+                    seen.popleft()
+                if len(seen) >= self.max_failures:
+                    self._count("rate_limited")
+                    wait = max(1, int(seen[0] + self.window_s - now + 0.999))
+                    return TooManyRequestsError(f"too many failed token checks from this client; "
+                                                f"retry in {wait} s", retry_after=wait)
+        scheme, _, value = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            # Not a guess: counted, but it does not bring a client closer to the limit.
+            self._count("missing")
+            return UnauthorizedError("this route needs an 'Authorization: Bearer <token>' header")
+        if hmac.compare_digest(value.strip().encode(), self._token):
+            return None
+        with self._lock:
+            seen = self._failures.pop(client, None) or deque()
+            seen.append(now)
+            self._failures[client] = seen  # most recent last
+            while len(self._failures) > MAX_TRACKED_CLIENTS:
+                self._failures.popitem(last=False)
+        self._count("invalid")
+        return UnauthorizedError("the bearer token is not valid")
+
+    def _count(self, reason: str) -> None:
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+
+def public_paths(config: ServingConfig) -> frozenset[str]:
+    """Paths served without the token when one is set."""
+    auth = config.auth
+    paths = set()
+    if not auth.protect_predict:
+        paths.add("/predict")
+    if not auth.protect_health:
+        paths |= HEALTH_PATHS
+    if not auth.protect_metrics:
+        paths.add("/metrics")
+    return frozenset(paths)
+
+
+class EdgeMiddleware:
+    """In front of every route, BentoML's included: the token check, our OpenAPI document and
+    BentoML client schema in place of BentoML's, and JSON errors for BentoML's own 404/405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        token = os.environ.get(CONFIG.auth.token_env)
+        self.gate = (TokenGate(token, CONFIG.auth.max_failures, CONFIG.auth.failure_window_seconds,
+                               _count_auth_failure) if token else None)
+        self.public = public_paths(CONFIG)
+        self._docs: dict[str, bytes] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if self.gate is not None and path not in self.public:
+            auth = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            err = self.gate.check(_client(scope), auth)
+            if err is not None:
+                await error_response(err)(scope, receive, send)
+                return
+        if path in OWN_PATHS:
+            await self.app(scope, receive, send)
+        elif path == SCHEMA_PATH or path in OPENAPI_PATHS:
+            if scope["method"] not in ("GET", "HEAD"):
+                await _status_error(405, scope["method"], path)(scope, receive, send)
+            else:
+                try:
+                    doc = Response(self._document(path), media_type="application/json")
+                except Exception:
+                    log.exception("could not build %s", path)
+                    doc = error_response(InternalError("document failed"))
+                await doc(scope, receive, send)
+        else:
+            await self.app(scope, receive, _json_errors(scope, send))
+
+    def _document(self, path: str) -> bytes:
+        key = "schema" if path == SCHEMA_PATH else "openapi"
+        if key not in self._docs:
+            rt = runtime()
+            features = [(f.name, f.kind) for f in rt.profile.features]
+            doc = (bentoml_schema(CONFIG.name, rt.profile.task, features, CONFIG.max_rows) if key == "schema"
+                   else openapi_document(CONFIG.name, rt.profile.task, features, CONFIG.max_rows,
+                                         version=rt.profile.content_hash[:19]))
+            self._docs[key] = json.dumps(doc).encode()
+        return self._docs[key]
+
+
+def _json_errors(scope: Scope, send: Send) -> Send:
+    """``send`` that turns BentoML's plain-text errors (404, 405, 500 ...) into our JSON error body."""
+    replaced = False
+
+    async def wrapped(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            ctype = next((v for k, v in message.get("headers", []) if k == b"content-type"), b"")
+            if not ctype.startswith(b"application/json"):
+                replaced = True
+                resp = _status_error(message["status"], scope["method"], scope["path"])
+                await send({"type": "http.response.start", "status": resp.status_code,
+                            "headers": resp.raw_headers})
+                await send({"type": "http.response.body", "body": resp.body})
+                return
+        if replaced:
+            return
+        await send(message)
+
+    return wrapped
+
+
+_auth_failures: Any = None
+
+
+def _count_auth_failure(reason: str) -> None:
+    if _auth_failures is not None:
+        _auth_failures.labels(CONFIG.name, reason).inc()
 
 
 def _bentoml_tracing() -> dict[str, Any]:
@@ -284,7 +552,8 @@ class GuardedService:
     fallback_model = _model_ref("fallback")
 
     def __init__(self) -> None:
-        global _runtime
+        global _runtime, _outcome_rule, _auth_failures
+        _watch_supervisor()
         provider = None
         try:
             from bentoml._internal.configuration.containers import BentoMLContainer
@@ -293,7 +562,18 @@ class GuardedService:
         except Exception as e:  # pragma: no cover - BentoML internals moved
             log.warning("could not reuse BentoML's tracer provider, building one: %s", e)
         self._provider = install_tracing(CONFIG.tracing, provider, CONFIG.name)
-        _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name))
+        try:
+            _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name))
+        except GuardedServingError as e:  # a model, profile or config that cannot load
+            _stop_supervisor(e)
+            raise
+        guard = _runtime.guard
+        classes = getattr(guard.primary, "classes", None) or getattr(guard.fallback, "classes", None)
+        _outcome_rule = OutcomeRule.from_profile(guard.profile, classes, CONFIG.feedback.outcome_range_margin)
+        from prometheus_client import Counter
+
+        _auth_failures = Counter("guarded_serving_auth_failures", "Requests refused by the token "
+                                 "check, by reason: missing, invalid, rate_limited.", ["model", "reason"])
         log.info("serving %s (primary %s, fallback %s)", CONFIG.name, _runtime.guard.primary.name,
                  _runtime.guard.fallback.name)
         # Everything alive now (BentoML, pandas, the models: ~150k objects) lives as long as the
@@ -308,14 +588,65 @@ class GuardedService:
         shutdown_tracing(self._provider)
 
 
+GuardedService.add_asgi_middleware(EdgeMiddleware)  # type: ignore[attr-defined]  # a bentoml.Service now
+# BentoML configures its workers' uvicorn itself; this bounds how long a request head may take.
+request_deadline.install(CONFIG.limits.header_timeout_seconds)
+
+#: How often a worker checks that its supervisor (``bentoml serve``) is still alive.
+SUPERVISOR_POLL_S = 0.5
+#: How long a worker orphaned by its supervisor may take to shut down cleanly before it exits.
+ORPHAN_GRACE_S = 10.0
+
+
+def _watch_supervisor() -> None:
+    """End this worker when its supervisor dies. BentoML starts each worker in its own session,
+    so a SIGKILL of ``bentoml serve`` (or of its process group) would leave the workers running,
+    reparented, holding the port. The worker first gets SIGTERM (a clean shutdown flushes the
+    prediction log), then is made to exit."""
+    import signal
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(SUPERVISOR_POLL_S)
+        log.warning("the server process %d is gone; stopping this worker", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="guarded-supervisor-watch", daemon=True).start()
+
+
+def _stop_supervisor(err: GuardedServingError) -> None:
+    """Stop ``bentoml serve`` when a worker cannot start for a reason that a restart cannot cure
+    (BentoML would restart the worker forever). Only a BentoML server parent is stopped."""
+    import signal
+
+    import psutil
+
+    log.error("cannot serve %s: %s; stopping the server", CONFIG.name, err.message)
+    try:
+        parent = psutil.Process(os.getppid())
+        cmd = " ".join(parent.cmdline())
+    except psutil.Error:
+        return
+    if "bentoml" in cmd and " serve" in cmd:
+        os.kill(parent.pid, signal.SIGTERM)
+
+
 def serve(config: str | Path | None, host: str = "127.0.0.1", port: int = 3000, workers: int = 1) -> NoReturn:
     """Run the service through BentoML's own server (``bentoml serve``) for ``config``.
 
     The process becomes ``bentoml serve`` (exec, not a child): SIGTERM from a container runtime or
     a process manager reaches BentoML itself, which drains and stops its workers, and no server
     is left behind holding the port."""
+    from .guard import GuardedModel
+
     path = Path(config).resolve() if config else EXAMPLE_CONFIG
-    load_config(path)  # fail here, with the key named, rather than in every worker
+    # Fail here, with the reason, rather than in every worker: BentoML restarts a worker that
+    # fails to start, forever.
+    GuardedModel.from_config(load_config(path)).close()
     env = {**os.environ, CONFIG_ENV: str(path), WORKERS_ENV: str(workers)}
     cmd = [sys.executable, "-m", "bentoml", "serve", "guarded_serving.service:GuardedService",
            "--host", host, "--port", str(port)]

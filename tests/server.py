@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +141,28 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextmanager
+def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
+    """Start ``servers`` side by side (startup is most of an e2e module's time); stop them after."""
+    with ThreadPoolExecutor(len(servers)) as ex:
+        list(ex.map(lambda s: s.start(), servers.values()))
+    try:
+        yield servers
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes
+    (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {predicate}")
+        time.sleep(interval)

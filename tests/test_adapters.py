@@ -72,3 +72,99 @@ def test_callable_from_import_and_errors() -> None:
         load_model("nope.onnx")
     with pytest.raises(ModelLoadError, match="unknown model file type"):
         load_model(EXAMPLE / "serving.yaml")
+
+
+# -- the model contract: what a callable receives and may return; classes as plain values -------
+
+X2 = pd.DataFrame({"a": [0.1, 0.9, 0.4], "b": [1.0, 2.0, 3.0]})
+
+
+def _clf(fn, **kw) -> CallableModel:
+    return CallableModel(fn, task="classification", **kw)
+
+
+def test_callable_regression_accepts_series_lists_and_columns() -> None:
+    for out in (lambda df: df["a"] * 2, lambda df: (df["a"] * 2).tolist(), lambda df: (df[["a"]] * 2).to_numpy()):
+        assert CallableModel(out).predict(X2).labels.tolist() == pytest.approx([0.2, 1.8, 0.8])
+    with pytest.raises(ValueError, match="one number per row"):
+        CallableModel(lambda df: df.to_numpy()).predict(X2)
+
+
+def test_callable_classifier_labels_only_gets_probability_one() -> None:
+    p = _clf(lambda df: np.where(df["a"] > 0.5, 1, 0)).predict(X2)
+    assert p.classes == [0, 1] and type(p.classes[0]) is int
+    assert p.probabilities.tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_callable_classifier_pair_keeps_its_probabilities() -> None:
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    p = _clf(lambda df: (np.array(["no", "yes", "no"]), probs)).predict(X2)
+    assert p.classes == ["no", "yes"]
+    np.testing.assert_allclose(p.probabilities, probs)
+
+
+def test_callable_classifier_pair_without_classes_fails_rather_than_guess() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
+    with pytest.raises(ValueError, match="declare its classes"):
+        _clf(lambda df: (np.array([5, 7]), probs)).predict(X2.head(2))
+    full = np.array([[0.7, 0.2, 0.1], [0.2, 0.1, 0.7], [0.1, 0.8, 0.1]])
+    assert _clf(lambda df: (np.array([5, 9, 7]), full)).predict(X2).classes == [5, 7, 9]
+
+
+def test_callable_classifier_probability_matrix_alone() -> None:
+    probs = np.array([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    assert _clf(lambda df: probs).predict(X2).labels.tolist() == [0, 1, 0]
+    fn = lambda df: probs  # noqa: E731
+    fn.classes = ["cat", "dog"]  # type: ignore[attr-defined]
+    assert _clf(fn).predict(X2).labels.tolist() == ["cat", "dog", "cat"]
+    frame = _clf(lambda df: pd.DataFrame(probs, columns=[False, True])).predict(X2)
+    assert frame.classes == [False, True] and frame.labels.tolist() == [False, True, False]
+
+
+def test_sklearn_classes_are_plain_python_values() -> None:
+    from guarded_serving.adapters.sklearn import SklearnModel
+
+    est = LogisticRegression().fit(X2, np.array([0, 1, 0]))
+    p = SklearnModel(est).predict(X2)
+    assert p.classes == [0, 1] and all(type(c) is int for c in p.classes)
+    assert SklearnModel(est).classes == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["stacked_onnx", "sklearn", "callable_labels", "callable_pair", "callable_matrix"])
+def test_a_classifier_behind_the_guard_answers_one_class_type_on_every_route(tmp_path, kind) -> None:
+    """The shuttle case: classification, one stacked ONNX input (or an sklearn primary), our fallback."""
+    import json
+
+    from guarded_serving.fallback import FallbackTrainer
+    from guarded_serving.guard import GuardedModel
+    from guarded_serving.profile import build_profile
+
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame(rng.normal(size=(600, 3)), columns=["a", "b", "c"])
+    y = np.where(X.a > 0.5, 3, np.where(X.b > 0, 1, 2))
+    train = X.assign(label=y)
+    from guarded_serving.adapters.sklearn import SklearnModel
+
+    est = LogisticRegression().fit(X, y)
+    primary = {
+        "stacked_onnx": lambda: OnnxModel(_stacked_onnx(tmp_path, est, 3, classification=True),
+                                          task="classification", columns=["a", "b", "c"]),
+        "sklearn": lambda: SklearnModel(est),
+        "callable_labels": lambda: _clf(lambda df: est.predict(df), classes=[1, 2, 3]),
+        "callable_pair": lambda: _clf(lambda df: (est.predict(df), est.predict_proba(df)), classes=[1, 2, 3]),
+        "callable_matrix": lambda: _clf(lambda df: est.predict_proba(df), classes=est.classes_),
+    }[kind]()
+    FallbackTrainer(task="classification").fit(train, "label").save_onnx(tmp_path / "fb.onnx")
+    fallback = OnnxModel(tmp_path / "fb.onnx", task="classification")
+    guard = GuardedModel(primary, fallback, build_profile(train, "label", task="classification"))
+    rows = X.head(4).copy()
+    rows.loc[rows.index[2:], "a"] = 50.0  # out of range: the fallback answers these
+    result = guard.predict(rows)
+    assert result.routes.tolist() == ["primary", "primary", "fallback", "fallback"]
+    body = json.loads(json.dumps(result.to_dict(), default=str))
+    assert body["classes"] == [1, 2, 3]
+    assert all(isinstance(p, int) for p in body["predictions"])
+    assert np.isfinite(result.probabilities).all() and np.allclose(result.probabilities.sum(axis=1), 1.0)
+    assert result.probabilities[:2].max(axis=1).min() > 0.34  # the primary's own, not zeros
+    only_fallback = json.loads(json.dumps(guard.predict(rows.iloc[2:]).to_dict(), default=str))
+    assert only_fallback["classes"] == body["classes"]

@@ -166,7 +166,7 @@ def test_a_bad_bento_name_or_config_fails_before_building(tmp_path: Path) -> Non
     assert BuildOptions().bento_name("Diamonds Price v2") == "diamonds-price-v2"
     bad = tmp_path / "serving.yaml"
     bad.write_text("name: x\ntask: regression\n")
-    with pytest.raises(ConfigError, match="missing required"):
+    with pytest.raises(ConfigError, match="required key missing"):
         build_bento(bad)
 
 

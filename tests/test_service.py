@@ -5,7 +5,6 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -17,7 +16,7 @@ from guarded_serving.guard import GuardedModel
 
 from . import _data
 from .otlp_receiver import GrpcOtlpReceiver, OtlpReceiver
-from .server import Server, free_port, write_config
+from .server import Server, free_port, running, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -60,11 +59,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory, receiver: OtlpReceiver,
         f"      otlp:\n        protocol: http\n        endpoint: {receiver.endpoint}\n"
     )
     srvs["bentoml_tracing"] = Server(write_config(d), env={"BENTOML_CONFIG": str(bentoml_config)})
-    with ThreadPoolExecutor(len(srvs)) as ex:
-        list(ex.map(lambda s: s.start(), srvs.values()))
-    yield srvs
-    for s in srvs.values():
-        s.stop()
+    with running(srvs):
+        yield srvs
 
 
 @pytest.fixture(scope="module")

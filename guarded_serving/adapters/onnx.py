@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ModelLoadError
-from .base import TASKS, Prediction
+from .base import TASKS, Prediction, native_classes, one_hot, sorted_classes
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,14 @@ class OnnxModel:
     """An ONNX graph run by onnxruntime.
 
     Columns map to the graph's inputs in one of two ways: one input per column (named like the
-    column, as skl2onnx emits them), or one stacked 2-D tensor whose width is the number of
-    feature columns, filled in ``columns`` order.
+    column, as skl2onnx emits them; each cast to its input's type, 1-D or ``[N, 1]`` as the
+    graph declares), or, when the graph has a single input named like no column, one stacked
+    ``[N, n_features]`` tensor of the input's type, filled in ``columns`` order (the ``columns``
+    argument, else a JSON list in the model's ``columns`` metadata, else the profile's feature
+    order). Outputs: regression reads the first output as the values; classification reads the
+    first as labels and the second, if any, as probabilities (a matrix, or skl2onnx's ZipMap list
+    of dicts); classes come from the ``classes`` metadata, else the class labels declared in the
+    graph, else the ZipMap keys, else the sorted labels seen. A graph with labels only gets probability 1.0 for its label.
 
     >>> m = OnnxModel("models/diamonds/primary.onnx")  # doctest: +SKIP
     >>> m.predict(df).labels  # doctest: +SKIP
@@ -66,7 +72,9 @@ class OnnxModel:
         self.task = task or props.get("task") or self._guess_task()
         if self.task not in TASKS:
             raise ModelLoadError(f"{self.path}: task must be one of {TASKS}, got {self.task!r}")
-        self.classes: list[Any] | None = json.loads(props["classes"]) if "classes" in props else None
+        self.classes: list[Any] | None = (native_classes(json.loads(props["classes"])) if "classes" in props
+                                          else _graph_classes(self.path) if self.task == "classification"
+                                          else None)
 
     def _guess_task(self) -> str:
         return "classification" if len(self.outputs) >= 2 else "regression"
@@ -116,6 +124,28 @@ class OnnxModel:
             probs = np.asarray(probs, dtype=np.float64)
             if classes is None:
                 # skl2onnx orders probability columns like classes_, which is sorted.
-                seen = sorted(set(labels.tolist()))
+                seen = sorted_classes(labels)
                 classes = seen if len(seen) == probs.shape[1] else list(range(probs.shape[1]))
+        else:  # a graph with labels only
+            classes = classes or sorted_classes(labels)
+            probs = one_hot(labels, classes)
         return Prediction(labels, probs, classes)
+
+
+def _graph_classes(path: Path) -> list[Any] | None:
+    """The class labels a classifier graph declares (skl2onnx writes them into its classifier and
+    ZipMap nodes), so probability columns are named even when a batch shows only some labels."""
+    try:
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # onnx is optional: onnxruntime alone can run the graph
+        log.debug("could not read class labels from %s: %s", path, e)
+        return None
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name in ("classlabels_ints", "classlabels_int64s") and attr.ints:
+                return [int(v) for v in attr.ints]
+            if attr.name == "classlabels_strings" and attr.strings:
+                return [v.decode() for v in attr.strings]
+    return None

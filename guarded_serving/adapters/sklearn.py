@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ModelLoadError
-from .base import TASKS, Prediction
+from .base import TASKS, Prediction, native_classes
 
 
 class SklearnModel:
-    """A fitted estimator; classifiers also give ``predict_proba`` and ``classes_``.
+    """A fitted estimator, called with a DataFrame of the profile's feature columns: regressors
+    through ``predict``; classifiers through ``predict`` (labels) and ``predict_proba``, whose
+    columns follow ``classes_``.
 
     >>> from sklearn.linear_model import LinearRegression
     >>> import pandas as pd
@@ -31,6 +33,9 @@ class SklearnModel:
             raise ModelLoadError(f"task must be one of {TASKS}, got {self.task!r}")
         self.name = name or type(estimator).__name__
         self.version = version
+        own = getattr(estimator, "classes_", None)
+        self.classes: list[Any] | None = (native_classes(own) if self.task == "classification"
+                                          and own is not None else None)
 
     @classmethod
     def load(cls, path: str | Path, *, trusted: bool = False, **kw: Any) -> SklearnModel:
@@ -54,4 +59,4 @@ class SklearnModel:
         if self.task == "regression":
             return Prediction(labels.astype(np.float64))
         probs = np.asarray(self.estimator.predict_proba(data), dtype=np.float64)
-        return Prediction(labels, probs, list(getattr(self.estimator, "classes_", range(probs.shape[1]))))
+        return Prediction(labels, probs, self.classes or list(range(probs.shape[1])))
