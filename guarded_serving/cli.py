@@ -372,12 +372,13 @@ def _parse_time(v: str) -> float:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .profile import Profile
     from .replay import parse_margin
-    from .retrain import load_candidate, load_with_retrain
+    from .retrain import load_candidate
 
     parse_margin(args.margin)  # a bad margin fails before any work
-    config, _ = load_with_retrain(args.config)
+    config = load_config(args.config)
     profile = Profile.load(args.profile or config.profile)
     candidate = load_candidate(args.candidate, task=config.task, trusted=args.trusted)
     since = _parse_time(args.since) if args.since else None
@@ -456,11 +457,13 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .errors import ConfigError
     from .profile import Profile
-    from .retrain import RetrainSpec, load_candidate, load_with_retrain, run, split_holdout
+    from .retrain import RetrainSpec, load_candidate, run, split_holdout
 
-    config, spec = load_with_retrain(args.config)
+    config = load_config(args.config)
+    spec = config.retrain
     if args.command_line:
         spec = RetrainSpec.from_dict({"command": args.command_line}, base=Path(args.config).parent.resolve())
     if spec is None:

@@ -53,6 +53,7 @@ from .errors import ConfigError, Problem
 from .feedback import OUTCOME_RANGE_MARGIN
 from .policy import Policy
 from .profile import Profile
+from .retrain import RetrainSpec
 
 DATA_DIR_ENV = "GUARDED_SERVING_DATA_DIR"
 STORE_URL_ENV = "GUARDED_SERVING_STORE_URL"
@@ -99,6 +100,17 @@ def _names(v: Any) -> tuple[str, ...]:
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v):
         return tuple(v)
     raise ValueError(f"must be a column name or a list of them, got {v!r}")
+
+
+def _retrain(v: Any, info: ValidationInfo) -> RetrainSpec | None:
+    if v is None or isinstance(v, RetrainSpec):
+        return v
+    try:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", str(info.data.get("name", "model")))
+        return RetrainSpec.from_dict(v, base=Path((info.context or {}).get("base", ".")),
+                                     default_workdir=data_dir() / name / "retrain")
+    except ConfigError as e:
+        raise ValueError(e.message.removeprefix("retrain: ")) from None
 
 
 File = Annotated[Path, BeforeValidator(_resolve), AfterValidator(_exists)]
@@ -227,6 +239,8 @@ class ServingConfig(_Section):
     #: Columns that are the time of a row, not range-checked nor in the outlier score (see
     #: ``policy.Policy.time_index``): a name or a list of names.
     time_index: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
+    #: How to retrain the primary on production data (``guarded-serving retrain``); see retrain.py.
+    retrain: Annotated[RetrainSpec | None, PlainValidator(_retrain)] = None
     #: The file this config was read from (set by ``load_config``, not a key of the file).
     source: Path | None = Field(default=None, exclude=True)
 

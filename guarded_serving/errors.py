@@ -139,3 +139,9 @@ class InternalError(GuardedServingError):
     """A bug: what went wrong is in the server's log, never in the answer."""
 
     code = "internal"
+
+
+class RetrainError(GuardedServingError):
+    """The training script failed, timed out or wrote no candidate."""
+
+    code = "retrain_failed"

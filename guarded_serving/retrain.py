@@ -10,7 +10,8 @@ retrain:
   # placeholders below; relative paths resolve in the config's directory, the working directory
   command: "{python} retrain.py --export {export} --out {candidate}"
   candidate: candidate.onnx   # the file the script must write, in the run directory
-  workdir: retrain            # each run gets workdir/<UTC time>/ (export, candidate, log)
+  workdir: runs               # each run gets workdir/<UTC time>/ (export, candidate, log);
+                              # default: <data dir>/<name>/retrain (see config.data_dir)
   since: 30d                  # export only rows logged since then (an ISO time or 24h, 7d ...)
   holdout: 0.2                # newest fraction of rows with outcomes kept out of the export, for replay
   timeout_seconds: 3600
@@ -49,9 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from .errors import ConfigError, GuardedServingError
+from .errors import ConfigError, RetrainError
 
 __all__ = [
     "PLACEHOLDERS",
@@ -60,7 +60,6 @@ __all__ = [
     "RetrainResult",
     "RetrainSpec",
     "load_candidate",
-    "load_with_retrain",
     "run",
     "split_holdout",
 ]
@@ -72,12 +71,6 @@ PLACEHOLDERS = ("export", "candidate", "run_dir", "config", "profile", "target",
 EXPORT_FILE = "export.parquet"
 LOG_FILE = "retrain.log"
 _KEYS = ("command", "candidate", "workdir", "since", "holdout", "timeout_seconds", "env", "trusted")
-
-
-class RetrainError(GuardedServingError):
-    """The training script failed, timed out or wrote no candidate."""
-
-    code = "retrain_failed"
 
 
 @dataclass(frozen=True)
@@ -109,8 +102,10 @@ class RetrainSpec:
     trusted: bool = False
 
     @classmethod
-    def from_dict(cls, raw: Any, base: Path) -> RetrainSpec:
-        """Validate a ``retrain:`` mapping; every problem is named by its key."""
+    def from_dict(cls, raw: Any, base: Path, default_workdir: Path | None = None) -> RetrainSpec:
+        """Validate a ``retrain:`` mapping; every problem is named by its key. Without ``workdir``,
+        runs go to ``default_workdir`` (the serving config puts it in the data directory), else
+        ``retrain/`` beside the config."""
         if not isinstance(raw, dict):
             raise ConfigError("retrain: must be a mapping with at least a command")
         problems = []
@@ -162,7 +157,7 @@ class RetrainSpec:
         trusted = raw.get("trusted", False)
         if not isinstance(trusted, bool):
             problems.append(f"trusted: must be true or false, got {trusted!r}")
-        workdir = raw.get("workdir", "retrain")
+        workdir = raw.get("workdir", str(default_workdir or "retrain"))
         if not isinstance(workdir, str) or not workdir:
             problems.append(f"workdir: must be a directory path, got {workdir!r}")
         if problems:
@@ -295,30 +290,6 @@ def split_holdout(
     held = order[len(order) - n_hold :] if n_hold else order[:0]
     keep = ~rows.index.isin(held)
     return rows[keep], rows.loc[rows.index.isin(held)]
-
-
-def load_with_retrain(path: str | Path) -> tuple[Any, RetrainSpec | None]:
-    """(ServingConfig, RetrainSpec or None) from a serving config file.
-
-    The config schema does not declare ``retrain`` yet, so the section is taken out of the YAML
-    here and the rest validated as usual."""
-    from .config import load_config, parse_config
-
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return load_config(path), None  # load_config says what is wrong with the file
-    if not isinstance(raw, dict) or "retrain" not in raw:
-        return load_config(path), None
-    section = raw.pop("retrain")
-    base = path.parent.resolve()
-    try:
-        config = parse_config(raw, base=base, source=path.resolve())
-        spec = RetrainSpec.from_dict(section, base=base) if section is not None else None
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e.message}", e.problems) from e
-    return config, spec
 
 
 def _unknown_placeholders(text: str) -> list[str]:

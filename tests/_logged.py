@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from guarded_serving.retrain import load_with_retrain
+from guarded_serving.config import load_config
 from guarded_serving.runtime import ServingRuntime
 
 from ._data import TARGET, features
@@ -17,7 +17,7 @@ from ._data import TARGET, features
 def log_traffic(config_path: Path, rows: pd.DataFrame, batch: int = 100) -> None:
     """Serve ``rows`` (features and ``price``) in requests of ``batch`` rows, then send every
     row's outcome back, through the runtime's public methods only."""
-    config, _ = load_with_retrain(config_path)
+    config = load_config(config_path)
     rt = ServingRuntime(config)
     try:
         items = []

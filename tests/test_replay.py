@@ -13,11 +13,11 @@ import pytest
 
 from guarded_serving.adapters import load_model
 from guarded_serving.cli import main
+from guarded_serving.config import load_config
 from guarded_serving.errors import GuardedServingError
 from guarded_serving.performance import live_performance
 from guarded_serving.profile import Profile
 from guarded_serving.replay import Verdict, _bootstrap_sums, parse_margin, replay
-from guarded_serving.retrain import load_with_retrain
 from guarded_serving.scoring import score
 from guarded_serving.store.sql import Store
 
@@ -206,7 +206,7 @@ def test_replay_matches_a_direct_computation_from_the_export(
                 "regression", y[sel], rows[col].to_numpy()[sel]
             )
     # The live models' figures are /performance's, under its metric names.
-    config, _ = load_with_retrain(logged)
+    config = load_config(logged)
     perf = live_performance(Store(config.store.url).outcome_rows(), "regression")
     for role in ("primary", "fallback", "guarded"):
         assert out[role] == pytest.approx(perf["overall"][role])

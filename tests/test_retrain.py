@@ -14,11 +14,10 @@ import pytest
 import yaml
 
 from guarded_serving.cli import main
-from guarded_serving.errors import ConfigError
+from guarded_serving.config import load_config
+from guarded_serving.errors import ConfigError, RetrainError
 from guarded_serving.retrain import (
-    RetrainError,
     RetrainSpec,
-    load_with_retrain,
     run,
     split_holdout,
 )
@@ -120,19 +119,20 @@ def test_holdout_is_the_newest_rows_with_outcomes() -> None:
 
 
 def test_config_with_and_without_a_retrain_section(tmp_path: Path) -> None:
-    plain = write_config(tmp_path)
-    assert load_with_retrain(plain)[1] is None
+    plain = write_config(tmp_path, retrain=None)
+    assert load_config(plain).retrain is None
     assert main(["retrain", str(plain)]) == 2, "no retrain: section and no --command"
     (tmp_path / "r").mkdir()
     cfg = write_config(tmp_path / "r", retrain={"command": "{python} train.py", "workdir": "runs"})
-    config, spec = load_with_retrain(cfg)
+    config = load_config(cfg)
+    spec = config.retrain
     assert config.name == "diamonds-price"
     assert spec is not None and spec.workdir == (tmp_path / "r" / "runs").resolve()
     raw = yaml.safe_load(cfg.read_text())
     raw["retrain"]["holdout"] = "most"
     cfg.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="holdout"):
-        load_with_retrain(cfg)
+        load_config(cfg)
 
 
 @pytest.mark.e2e
