@@ -77,6 +77,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                 max_categories=args.max_categories or DEFAULT_MAX_CATEGORIES)
         bar.update()
     profile.save(args.out)
+    if holdout is not None and primary is not None:
+        _fit_estimation(profile, holdout, primary, fallback, args.out)
     kinds = Counter(f.kind for f in profile.features)
     print(f"profiled {profile.n_rows} rows, {len(profile.features)} features "
           f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); task {profile.task}; "
@@ -97,6 +99,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for role, metrics in profile.baseline.items():
         print(f"baseline {role}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
+
+
+def _fit_estimation(profile: Any, holdout: pd.DataFrame, primary: Any, fallback: Any, out: str) -> None:
+    """Fit what estimating performance without labels needs, on the holdout, beside the profile."""
+    from .estimation import estimation_dir, fit_estimation
+
+    with tqdm(total=1, desc="fitting estimation", file=sys.stderr, disable=len(holdout) < 20_000) as bar:
+        est = fit_estimation(profile, holdout, {"primary": primary, "fallback": fallback}, estimation_dir(out))
+        bar.update()
+    for role, art in est.roles.items():
+        if art.calibration is not None:
+            c = art.calibration
+            print(f"estimation {role}: calibration {'applied' if c.applied else 'not applied'} "
+                  f"(ECE {c.ece_raw:.4f} raw, {c.ece_calibrated:.4f} calibrated, cross-fitted)")
+        else:
+            print(f"estimation {role}: error models {', '.join(art.error_models.values())}")
+    print(f"wrote {est.directory}")
 
 
 #: The prediction-log columns ``guarded-serving export`` writes beside the features, in order.
@@ -351,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=20, help="histogram bins per numeric feature (default 20)")
     p.add_argument("--primary", help="primary model file: records its predictions and holdout baseline")
     p.add_argument("--fallback", help="fallback model file: records its holdout baseline")
-    p.add_argument("--holdout", help="held-out split for the baseline performance")
+    p.add_argument("--holdout", help="held-out split for the baseline performance and for fitting "
+                                     "performance estimation (written to PROFILE.estimation/)")
     p.add_argument("--trusted", action="store_true", help="allow loading pickle/joblib models")
     p.add_argument("--from-export", action="store_true",
                    help="the data comes from `guarded-serving export`: skip its log columns")

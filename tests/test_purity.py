@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-CORE = ["profile", "checks", "policy", "scoring", "fallback", "errors", "performance",
+CORE = ["profile", "checks", "policy", "scoring", "fallback", "errors", "performance", "estimation",
         "drift.state", "drift.stats", "drift.windows"]
 FORBIDDEN = ["bentoml", "starlette", "httpx", "sqlalchemy", "psycopg", "opentelemetry.sdk", "prometheus_client"]
 
