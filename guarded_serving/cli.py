@@ -338,6 +338,50 @@ def _parse_time(v: str) -> float:
     return float(ts.timestamp())
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ProfileError
+    from .estimation import WindowEstimator, estimation_dir
+    from .estimation.offline import estimate_rows
+    from .guard import GuardedModel
+
+    config = load_config(args.config)
+    if not WindowEstimator.available(config.profile):
+        raise ProfileError(f"no estimation artefacts beside {config.profile} (expected "
+                           f"{estimation_dir(config.profile)}/); build the profile with --primary, "
+                           "--fallback and --holdout")
+    gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
+    estimator = WindowEstimator.load(config.profile, gm.profile)
+    models = {"primary": gm.primary, "fallback": gm.fallback}
+    data = read_table(args.data)
+    total = None
+    for chunk in _chunks(data, "estimating"):
+        part = estimate_rows(estimator, chunk, gm.profile, gm.policy, models)
+        total = part if total is None else total.merge(part)
+    assert total is not None
+    report = {**total.tally.metrics(), "rejected": total.rejected, "baseline": gm.profile.baseline}
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+        return 0
+    flagged = report["flagged"]
+    print(f"{report['n']} rows estimated ({flagged['n']} flagged outside the training support, "
+          f"{total.rejected} rejected); estimates without outcomes, 95% band in brackets")
+    for scope, part in (("all rows", report), ("flagged rows", flagged)):
+        if not part["n"]:
+            continue
+        print(f"\n{scope}")
+        for role in ("guarded", "primary", "fallback"):
+            metrics = {k: v for k, v in part.get(role, {}).items() if k != "n"}
+            bands = part["bands"].get(role, {})
+            shown = ", ".join(f"{k}={v:.4g} [{bands[k][0]:.4g}, {bands[k][1]:.4g}]" if k in bands else
+                              f"{k}={v:.4g}" for k, v in metrics.items())
+            print(f"  {role:<9} {shown}")
+    for role, metrics in gm.profile.baseline.items():
+        print(f"baseline {role} (holdout, realized): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                             if k != "n"))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .report import build_report
@@ -434,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="only rows logged since an ISO time or a duration ago (24h, 7d)")
     p.add_argument("--with-outcomes-only", action="store_true", help="only rows with a true outcome")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("estimate", help="estimate accuracy or error of the primary, the fallback and "
+                                        "the guarded service on a file without outcomes")
+    p.add_argument("config", help="serving config YAML (its profile's estimation artefacts)")
+    p.add_argument("data", help="rows to estimate (.csv or .parquet); a target column is ignored")
+    p.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("report", help="render the drift and performance report as one HTML file")
     p.add_argument("config", help="serving config YAML (names the store)")
