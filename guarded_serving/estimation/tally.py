@@ -10,8 +10,8 @@ Bands are the 2.5% and 97.5% points of the realized metric if the calibrated pro
 the error model) are right: the sampling spread of a finite window, not the error of the model
 behind the estimate. Regression uses normal approximations (the variance of |e| is
 E[e²] - E[|e|]², that of e² is 2 E[e²]² as for normal errors); accuracy the variance of a sum of
-Bernoullis; F1 simulates the expected confusion counts (normal approximations of Bernoulli sums);
-ROC AUC uses Hanley and McNeil's standard error at the expected class counts.
+Bernoullis; F1 the delta method over the expected confusion counts; ROC AUC Hanley and McNeil's
+standard error at the expected class counts.
 
 >>> t = RegressionTally()
 >>> t.update(np.array([1.0, 3.0]), np.array([2.0, 10.0]))
@@ -30,8 +30,6 @@ import numpy as np
 
 #: Score bins per class of the classification tally (ROC AUC is computed over them).
 SCORE_BINS = 1000
-#: Simulated windows behind a classification band.
-SIMULATIONS = 200
 Z = 1.959963984540054
 
 
@@ -171,7 +169,7 @@ class ClassificationTally:
             ),
         )
 
-    def metrics(self, seed: int = 0) -> tuple[dict[str, float], dict[str, list[float]]]:
+    def metrics(self) -> tuple[dict[str, float], dict[str, list[float]]]:
         if self.n == 0:
             return {"n": 0.0}, {}
         n = self.n
@@ -180,13 +178,11 @@ class ClassificationTally:
         values = {
             "n": float(n),
             "accuracy": acc,
-            "f1": float(_f1(self.tp, self.fn, self.predicted)),
+            "f1": float(_f1_and_sd(self.tp, self.tp_var, self.fn, self.fn_var, self.predicted)[0]),
         }
         bands = {"accuracy": [max(acc - Z * sd, 0.0), min(acc + Z * sd, 1.0)]}
-        rng = np.random.default_rng(seed)
-        tp = _draw(rng, self.tp, self.tp_var, self.predicted)
-        fn = _draw(rng, self.fn, self.fn_var, n - self.predicted)
-        bands["f1"] = _interval(_f1(tp, fn, self.predicted))
+        f1, f1_sd = _f1_and_sd(self.tp, self.tp_var, self.fn, self.fn_var, self.predicted)
+        bands["f1"] = [max(f1 - Z * f1_sd, 0.0), min(f1 + Z * f1_sd, 1.0)]
         auc = _auc(self.pos[None], self.count[None], self.pos_var[None], self.k)
         if auc is not None and np.isfinite(auc[0]):
             values["roc_auc"] = a = float(auc[0])
@@ -237,29 +233,23 @@ class ClassificationTally:
         )
 
 
-def _draw(
-    rng: np.random.Generator, mean: np.ndarray, var: np.ndarray, cap: np.ndarray
-) -> np.ndarray:
-    """SIMULATIONS draws of Bernoulli sums (normal approximation), kept within [0, cap]."""
-    z = rng.standard_normal((SIMULATIONS, *np.shape(mean)))
-    return np.clip(mean + z * np.sqrt(var), 0.0, cap)
+def _f1_and_sd(
+    tp: np.ndarray, tp_var: np.ndarray, fn: np.ndarray, fn_var: np.ndarray, predicted: np.ndarray
+) -> tuple[float, float]:
+    """F1 as scoring.macro_f1 defines it (the second class's when binary, else the macro mean
+    over classes predicted or expected to occur) and its standard error by the delta method.
 
-
-def _interval(samples: np.ndarray) -> list[float]:
-    s = samples[np.isfinite(samples)]
-    return [float(np.quantile(s, 0.025)), float(np.quantile(s, 0.975))] if s.size else []
-
-
-def _f1(tp: np.ndarray, fn: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """F1 as scoring.macro_f1 defines it: the positive (second) class's when binary, else macro,
-    over the classes that were predicted or are expected to occur. Last axis: classes."""
-    fp = predicted - tp
-    denom = 2 * tp + fp + fn
-    f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1.0), 0.0)
-    if f1.shape[-1] == 2:
-        return np.asarray(f1[..., 1])
-    present = (predicted + tp + fn) > 0
-    return np.asarray((f1 * present).sum(axis=-1) / np.maximum(present.sum(axis=-1), 1))
+    Per class F1 = 2 TP / (predicted + TP + FN), with the predicted count fixed and TP, FN sums
+    of independent Bernoullis."""
+    denom = predicted + tp + fn
+    safe = np.where(denom > 0, denom, 1.0)
+    f1 = np.where(denom > 0, 2 * tp / safe, 0.0)
+    var = (2 * (predicted + fn) / safe**2) ** 2 * tp_var + (2 * tp / safe**2) ** 2 * fn_var
+    if len(tp) == 2:
+        return float(f1[1]), float(np.sqrt(var[1]))
+    present = denom > 0
+    k = max(int(present.sum()), 1)
+    return float(f1[present].sum() / k), float(np.sqrt(var[present].sum()) / k)
 
 
 def _auc(pos: np.ndarray, count: np.ndarray, pos_var: np.ndarray, k: int) -> np.ndarray | None:

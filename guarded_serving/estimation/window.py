@@ -219,9 +219,10 @@ def _class_rows(cal: Any, pred: Prediction) -> dict[str, np.ndarray]:
     for j, c in enumerate(names):
         if c in given:
             scores[:, j] = raw[:, given.index(c)]
-    lookup = {c: i for i, c in enumerate(names)}
-    labels = np.asarray(pred.labels, dtype=object)
-    index = np.fromiter((lookup.get(str(v), -1) for v in labels), int, len(labels))
+    labels = np.asarray(pred.labels).astype(str)
+    index = np.full(len(labels), -1)
+    for j, c in enumerate(names):
+        index[labels == c] = j
     ok = np.isfinite(scores).all(axis=1)
     p = np.full_like(scores, np.nan)
     if ok.any():
