@@ -112,7 +112,8 @@ def _fit_estimation(profile: Any, holdout: pd.DataFrame, primary: Any, fallback:
         if art.calibration is not None:
             c = art.calibration
             print(f"estimation {role}: calibration {'applied' if c.applied else 'not applied'} "
-                  f"(ECE {c.ece_raw:.4f} raw, {c.ece_calibrated:.4f} calibrated, cross-fitted)")
+                  f"(cross-fitted on the holdout: ECE {c.ece_raw:.4f} raw, {c.ece_calibrated:.4f} "
+                  f"calibrated; Brier {c.brier_raw:.4f} raw, {c.brier_calibrated:.4f} calibrated)")
         else:
             print(f"estimation {role}: error models {', '.join(art.error_models.values())}")
     print(f"wrote {est.directory}")

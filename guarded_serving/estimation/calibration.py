@@ -2,8 +2,10 @@
 
 A map is a monotone piecewise-linear function per class column (isotonic regression's knots),
 applied with ``np.interp``: fitting needs scikit-learn, applying needs numpy only. Whether to
-apply it is decided by cross-fitting on the holdout: the expected calibration error (ECE) of
-out-of-fold calibrated probabilities against that of the raw ones.
+apply it is decided by cross-fitting on the holdout: the out-of-fold calibrated probabilities
+must have a lower expected calibration error (ECE) than the raw ones, and a lower Brier score
+too, as binned ECE favours isotonic's step outputs even on probabilities calibrated already
+(the Brier score, a proper score, does not).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -40,6 +42,13 @@ def expected_calibration_error(
     return float(np.abs(gap).sum() / confidence.size)
 
 
+def brier(y_index: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared distance between the probability rows and the one-hot outcomes."""
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(y_index)), y_index] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1))) if len(y_index) else 0.0
+
+
 def class_ece(y_index: np.ndarray, probs: np.ndarray) -> float:
     """ECE of a probability matrix: of the positive class when binary, else of the top label."""
     if probs.shape[1] == 2:
@@ -52,6 +61,7 @@ def class_ece(y_index: np.ndarray, probs: np.ndarray) -> float:
 class Calibration:
     """Per class column ``(x, y)`` knots of a monotone map (binary: one map, of the positive
     class); ``applied`` says whether ``apply`` uses them or returns the probabilities as they are.
+    The ECE and Brier figures are on the holdout: raw, and calibrated out of fold.
     """
 
     classes: list[Any]
@@ -59,6 +69,8 @@ class Calibration:
     applied: bool = False
     ece_raw: float = 0.0
     ece_calibrated: float = 0.0
+    brier_raw: float = 0.0
+    brier_calibrated: float = 0.0
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (rows sum to one), or ``probs`` unchanged if not applied."""
@@ -71,6 +83,8 @@ class Calibration:
             "applied": self.applied,
             "ece_raw": self.ece_raw,
             "ece_calibrated": self.ece_calibrated,
+            "brier_raw": self.brier_raw,
+            "brier_calibrated": self.brier_calibrated,
             "knots": [{"x": x, "y": y} for x, y in self.knots],
         }
 
@@ -81,6 +95,8 @@ class Calibration:
             applied=bool(d["applied"]),
             ece_raw=float(d["ece_raw"]),
             ece_calibrated=float(d["ece_calibrated"]),
+            brier_raw=float(d.get("brier_raw", 0.0)),
+            brier_calibrated=float(d.get("brier_calibrated", 0.0)),
             knots=[([float(v) for v in k["x"]], [float(v) for v in k["y"]]) for k in d["knots"]],
         )
 
@@ -111,8 +127,8 @@ def _fit_knots(y_index: np.ndarray, probs: np.ndarray) -> list[tuple[list[float]
 def fit_calibration(
     y_true: Any, probs: np.ndarray, classes: list[Any], *, folds: int = FOLDS, seed: int = 0
 ) -> Calibration:
-    """Fit isotonic maps on (holdout) outcomes and probabilities; keep them only if their
-    cross-fitted ECE is below the raw probabilities' ECE. Needs scikit-learn."""
+    """Fit isotonic maps on (holdout) outcomes and probabilities; apply them only if their
+    cross-fitted ECE and Brier score are below the raw probabilities'. Needs scikit-learn."""
     probs = np.asarray(probs, dtype=float)
     classes = [c.item() if isinstance(c, np.generic) else c for c in classes]  # JSON-safe
     names = [str(c) for c in classes]
@@ -122,17 +138,27 @@ def fit_calibration(
     y_index, probs = y_index[keep], probs[keep]
     ece_raw = class_ece(y_index, probs)
     if len(y_index) < 2 * folds or len(np.unique(y_index)) < 2:
-        return Calibration(list(classes), applied=False, ece_raw=ece_raw, ece_calibrated=ece_raw)
+        return Calibration(
+            list(classes),
+            applied=False,
+            ece_raw=ece_raw,
+            ece_calibrated=ece_raw,
+            brier_raw=brier(y_index, probs),
+            brier_calibrated=brier(y_index, probs),
+        )
     fold = np.random.default_rng(seed).permutation(len(y_index)) % folds
     out_of_fold = np.empty_like(probs)
     for k in range(folds):
         test = fold == k
         out_of_fold[test] = _apply(_fit_knots(y_index[~test], probs[~test]), probs[test])
     ece_cal = class_ece(y_index, out_of_fold)
+    brier_raw, brier_cal = brier(y_index, probs), brier(y_index, out_of_fold)
     return Calibration(
         list(classes),
         knots=_fit_knots(y_index, probs),
-        applied=bool(ece_cal < ece_raw),
+        applied=bool(ece_cal < ece_raw and brier_cal < brier_raw),
         ece_raw=ece_raw,
         ece_calibrated=ece_cal,
+        brier_raw=brier_raw,
+        brier_calibrated=brier_cal,
     )
