@@ -103,8 +103,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def _fit_estimation(profile: Any, holdout: pd.DataFrame, primary: Any, fallback: Any, out: str) -> None:
     """Fit what estimating performance without labels needs, on the holdout, beside the profile."""
+    import importlib.util
+
     from .estimation import estimation_dir, fit_estimation
 
+    if profile.task == "regression" and importlib.util.find_spec("skl2onnx") is None:
+        print("no performance estimation fitted: its error models need skl2onnx "
+              "(pip install 'guarded-serving[estimation]')", file=sys.stderr)
+        return
     with tqdm(total=1, desc="fitting estimation", file=sys.stderr, disable=len(holdout) < 20_000) as bar:
         est = fit_estimation(profile, holdout, {"primary": primary, "fallback": fallback}, estimation_dir(out))
         bar.update()
