@@ -322,3 +322,55 @@ def test_estimate_without_artefacts_says_how_to_make_them(tmp_path, capsys) -> N
         == 2
     )
     assert "--holdout" in capsys.readouterr().err
+
+
+def test_estimate_json_for_a_classifier_has_accuracy_f1_and_auc(tmp_path, capsys) -> None:
+    from sklearn.datasets import make_classification
+
+    from guarded_serving.fallback import FallbackTrainer
+
+    x, y = make_classification(n_samples=3000, n_features=5, n_informative=3, random_state=4)
+    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(5)]).assign(label=y)
+    df.iloc[:1500].to_parquet(tmp_path / "train.parquet")
+    df.iloc[1500:2500].to_parquet(tmp_path / "holdout.parquet")
+    df.iloc[2500:].drop(columns="label").to_parquet(tmp_path / "rows.parquet")
+    for name, c in (("primary", 10.0), ("fallback", 0.01)):
+        FallbackTrainer(task="classification", C=c, name=name).fit(
+            df.iloc[:1500], "label"
+        ).save_onnx(tmp_path / f"{name}.onnx")
+    assert (
+        main(
+            [
+                "profile",
+                str(tmp_path / "train.parquet"),
+                "--target",
+                "label",
+                "--task",
+                "classification",
+                "--out",
+                str(tmp_path / "profile.json"),
+                "--primary",
+                str(tmp_path / "primary.onnx"),
+                "--fallback",
+                str(tmp_path / "fallback.onnx"),
+                "--holdout",
+                str(tmp_path / "holdout.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert "estimation primary: calibration" in capsys.readouterr().out
+    (tmp_path / "serving.yaml").write_text(
+        "name: synthetic\ntask: classification\nprimary:\n  path: primary.onnx\n"
+        "fallback:\n  path: fallback.onnx\nprofile: profile.json\n"
+    )
+    assert (
+        main(["estimate", str(tmp_path / "serving.yaml"), str(tmp_path / "rows.parquet"), "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 500
+    for role in ("primary", "fallback", "guarded"):
+        assert set(out[role]) == {"n", "accuracy", "f1", "roc_auc"}
+        assert set(out["bands"][role]) == {"accuracy", "f1", "roc_auc"}
+        assert 0.5 < out[role]["accuracy"] <= 1.0

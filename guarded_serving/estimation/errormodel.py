@@ -137,9 +137,9 @@ class ErrorModel:
 
     def predict(self, matrix: np.ndarray, prediction: np.ndarray) -> np.ndarray:
         x = np.column_stack([matrix, np.asarray(prediction, dtype=float)]).astype(np.float32)
-        return np.maximum(
-            np.asarray(self.session.run(None, {self.input: x})[0], dtype=float).reshape(-1), 0.0
-        )
+        out = np.asarray(self.session.run(None, {self.input: x})[0], dtype=float).reshape(-1)
+        out[out < 0] = 0.0  # a loss is never negative; trees fitted on noisy losses can dip below
+        return out
 
 
 def fit_error_model(matrix: np.ndarray, prediction: np.ndarray, loss: np.ndarray) -> Any:

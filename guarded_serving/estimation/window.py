@@ -84,10 +84,7 @@ class WindowTally:
         kind = RegressionTally if d["task"] == "regression" else ClassificationTally
         return cls(
             str(d["task"]),
-            {
-                s: {r: kind.from_dict(t) for r, t in by.items()}  # type: ignore[attr-defined]
-                for s, by in d["tallies"].items()
-            },
+            {s: {r: kind.from_dict(t) for r, t in by.items()} for s, by in d["tallies"].items()},
         )
 
 
