@@ -98,6 +98,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                 max_categories=args.max_categories or DEFAULT_MAX_CATEGORIES)
         bar.update()
     profile.save(args.out)
+    if holdout is not None and primary is not None:
+        _fit_estimation(profile, holdout, primary, fallback, args.out)
     kinds = Counter(f.kind for f in profile.features)
     print(f"profiled {profile.n_rows} rows, {len(profile.features)} features "
           f"({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))}); task {profile.task}; "
@@ -118,6 +120,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for role, metrics in profile.baseline.items():
         print(f"baseline {role}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
+
+
+def _fit_estimation(profile: Any, holdout: pd.DataFrame, primary: Any, fallback: Any, out: str) -> None:
+    """Fit what estimating performance without labels needs, on the holdout, beside the profile."""
+    import importlib.util
+
+    from .estimation import estimation_dir, fit_estimation
+
+    if profile.task == "regression" and importlib.util.find_spec("skl2onnx") is None:
+        print("no performance estimation fitted: its error models need skl2onnx "
+              "(pip install 'guarded-serving[estimation]')", file=sys.stderr)
+        return
+    with tqdm(total=1, desc="fitting estimation", file=sys.stderr, disable=len(holdout) < 20_000) as bar:
+        est = fit_estimation(profile, holdout, {"primary": primary, "fallback": fallback}, estimation_dir(out))
+        bar.update()
+    for role, art in est.roles.items():
+        if art.calibration is not None:
+            c = art.calibration
+            print(f"estimation {role}: calibration {'applied' if c.applied else 'not applied'} "
+                  f"(cross-fitted on the holdout: ECE {c.ece_raw:.4f} raw, {c.ece_calibrated:.4f} "
+                  f"calibrated; Brier {c.brier_raw:.4f} raw, {c.brier_calibrated:.4f} calibrated)")
+        else:
+            print(f"estimation {role}: error models {', '.join(art.error_models.values())}")
+    print(f"wrote {est.directory}")
 
 
 #: The prediction-log columns ``guarded-serving export`` writes beside the features, in order.
@@ -505,6 +531,50 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return _replay_status(result)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .errors import ProfileError
+    from .estimation import WindowEstimator, estimation_dir
+    from .estimation.offline import estimate_rows
+    from .guard import GuardedModel
+
+    config = load_config(args.config)
+    if not WindowEstimator.available(config.profile):
+        raise ProfileError(f"no estimation artefacts beside {config.profile} (expected "
+                           f"{estimation_dir(config.profile)}/); build the profile with --primary, "
+                           "--fallback and --holdout")
+    gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
+    estimator = WindowEstimator.load(config.profile, gm.profile)
+    models = {"primary": gm.primary, "fallback": gm.fallback}
+    data = read_table(args.data)
+    total = None
+    for chunk in _chunks(data, "estimating"):
+        part = estimate_rows(estimator, chunk, gm.profile, gm.policy, models)
+        total = part if total is None else total.merge(part)
+    assert total is not None
+    report = {**total.tally.metrics(), "rejected": total.rejected, "baseline": gm.profile.baseline}
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+        return 0
+    flagged = report["flagged"]
+    print(f"{report['n']} rows estimated ({flagged['n']} flagged outside the training support, "
+          f"{total.rejected} rejected); estimates without outcomes, 95% band in brackets")
+    for scope, part in (("all rows", report), ("flagged rows", flagged)):
+        if not part["n"]:
+            continue
+        print(f"\n{scope}")
+        for role in ("guarded", "primary", "fallback"):
+            metrics = {k: v for k, v in part.get(role, {}).items() if k != "n"}
+            bands = part["bands"].get(role, {})
+            shown = ", ".join(f"{k}={v:.4g} [{bands[k][0]:.4g}, {bands[k][1]:.4g}]" if k in bands else
+                              f"{k}={v:.4g}" for k, v in metrics.items())
+            print(f"  {role:<9} {shown}")
+    for role, metrics in gm.profile.baseline.items():
+        print(f"baseline {role} (holdout, realized): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                             if k != "n"))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .report import build_report
@@ -537,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=20, help="histogram bins per numeric feature (default 20)")
     p.add_argument("--primary", help="primary model file: records its predictions and holdout baseline")
     p.add_argument("--fallback", help="fallback model file: records its holdout baseline")
-    p.add_argument("--holdout", help="held-out split for the baseline performance")
+    p.add_argument("--holdout", help="held-out split for the baseline performance and for fitting "
+                                     "performance estimation (written to PROFILE.estimation/)")
     p.add_argument("--trusted", action="store_true", help="allow loading pickle/joblib models")
     p.add_argument("--from-export", action="store_true",
                    help="the data comes from `guarded-serving export`: skip its log columns")
@@ -634,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     _replay_options(p)
     p.add_argument("--json", action="store_true", help="print the run and its replay as JSON")
     p.set_defaults(func=cmd_retrain)
+
+
+    p = sub.add_parser("estimate", help="estimate accuracy or error of the primary, the fallback and "
+                                        "the guarded service on a file without outcomes")
+    p.add_argument("config", help="serving config YAML (its profile's estimation artefacts)")
+    p.add_argument("data", help="rows to estimate (.csv or .parquet); a target column is ignored")
+    p.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("report", help="render the drift and performance report as one HTML file")
     p.add_argument("config", help="serving config YAML (names the store)")

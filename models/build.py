@@ -9,7 +9,8 @@ larger stones are outside anything the model has seen.
 
 Outputs (checked in, small): data/train.parquet, data/holdout.parquet, data/serve.parquet,
 primary.onnx (gradient boosting through skl2onnx), fallback.onnx (clipped ridge, by
-guarded-serving's own trainer), profile.json, serving.yaml.
+guarded-serving's own trainer), profile.json, profile.estimation/ (error models for estimating
+performance without labels, fitted on the holdout), serving.yaml.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
     (out / "data").mkdir(parents=True, exist_ok=True)
 
     from guarded_serving.adapters import load_model
+    from guarded_serving.estimation import estimation_dir, fit_estimation
     from guarded_serving.fallback import FallbackTrainer
     from guarded_serving.profile import build_profile
 
@@ -129,6 +131,7 @@ def main() -> None:
     profile = build_profile(train, TARGET, task="regression", primary=primary, fallback=fallback,
                             holdout=holdout, source="models/diamonds/data/train.parquet")
     profile.save(out / "profile.json")
+    fit_estimation(profile, holdout, {"primary": primary, "fallback": fallback}, estimation_dir(out / "profile.json"))
     (out / "serving.yaml").write_text(SERVING_YAML)
     print("baseline on holdout:", json.dumps(profile.baseline))
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 CORE = ["profile", "checks", "policy", "scoring", "fallback", "errors", "performance", "replay", "retrain",
-        "drift.state", "drift.stats", "drift.windows", "feedback", "payload", "openapi"]
+        "estimation", "drift.state", "drift.stats", "drift.windows", "feedback", "payload", "openapi"]
 FORBIDDEN = ["bentoml", "starlette", "httpx", "sqlalchemy", "psycopg", "opentelemetry.sdk", "prometheus_client"]
 
 

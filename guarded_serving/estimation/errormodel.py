@@ -1,0 +1,163 @@
+"""Direct loss estimation: small models of a regressor's |error| and error², run by onnxruntime.
+
+Each error model reads one float matrix: the profile's features (numbers as they are, datetimes
+as epoch seconds, categories as their index among training's, -1 for unseen; missing values as
+the training median) followed by the monitored model's prediction. ``FeatureEncoder`` builds that
+matrix with numpy; fitting (gradient boosting) and the ONNX export need scikit-learn and skl2onnx,
+serving needs onnxruntime only.
+
+>>> import pandas as pd
+>>> from guarded_serving.profile import build_profile
+>>> df = pd.DataFrame({"x": [1.0, 2.0, None, 4.0], "c": ["a", "b", "a", "z"], "y": [0.0, 1, 2, 3]})
+>>> enc = FeatureEncoder.from_profile(build_profile(df, target="y"))
+>>> enc.matrix(df).tolist()
+[[1.0, 0.0], [2.0, 1.0], [2.0, 0.0], [4.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ..profile import Profile
+
+#: Gradient boosting settings of the error models: shallow and shrunk, as the targets are noisy.
+GBR_PARAMS: dict[str, Any] = {
+    "n_estimators": 150,
+    "max_depth": 3,
+    "learning_rate": 0.05,
+    "subsample": 0.8,
+    "min_samples_leaf": 20,
+    "random_state": 0,
+}
+LOSSES = ("abs", "sq")
+
+
+@dataclass(frozen=True)
+class EncodedColumn:
+    name: str
+    kind: str
+    fill: float
+    categories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeatureEncoder:
+    """Turns a batch (DataFrame or column mapping) into the error models' float matrix."""
+
+    columns: tuple[EncodedColumn, ...]
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> FeatureEncoder:
+        cols = []
+        for f in profile.features:
+            if f.is_numeric:
+                median = f.quantiles.get("0.5", f.mean)
+                cols.append(
+                    EncodedColumn(f.name, f.kind, float(median if median is not None else 0.0))
+                )
+            else:
+                cols.append(EncodedColumn(f.name, f.kind, -1.0, tuple(sorted(f.categories))))
+        return cls(tuple(cols))
+
+    def matrix(self, data: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
+        out = np.empty((_length(data), len(self.columns)), dtype=np.float64)
+        for j, c in enumerate(self.columns):
+            out[:, j] = self._column(c, data[c.name])
+        return out
+
+    def _column(self, c: EncodedColumn, raw: Any) -> np.ndarray:
+        if c.categories:
+            codes = {v: float(i) for i, v in enumerate(c.categories)}
+            values = np.asarray(raw, dtype=object)
+            return np.fromiter((codes.get(_text(v), -1.0) for v in values), float, len(values))
+        series = pd.Series(raw)
+        if c.kind == "datetime" and not pd.api.types.is_numeric_dtype(series):
+            from ..profile import epoch_seconds
+
+            x = epoch_seconds(series, c.name)[0]
+        else:
+            x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+        return np.where(np.isfinite(x), x, c.fill)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [
+            {"name": c.name, "kind": c.kind, "fill": c.fill, "categories": list(c.categories)}
+            for c in self.columns
+        ]
+
+    @classmethod
+    def from_dict(cls, d: list[dict[str, Any]]) -> FeatureEncoder:
+        return cls(
+            tuple(
+                EncodedColumn(
+                    str(c["name"]),
+                    str(c["kind"]),
+                    float(c["fill"]),
+                    tuple(str(v) for v in c.get("categories") or ()),
+                )
+                for c in d
+            )
+        )
+
+
+def _length(data: pd.DataFrame | Mapping[str, Any]) -> int:
+    if isinstance(data, pd.DataFrame):
+        return len(data)
+    return len(next(iter(data.values()))) if data else 0
+
+
+def _text(v: Any) -> str:
+    # Categories are profiled as text; booleans as "True"/"False".
+    return v if isinstance(v, str) else str(v)
+
+
+class ErrorModel:
+    """An ONNX graph from an encoded matrix plus a prediction column to one expected loss."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(f"cannot load error model {path}: {e}") from e
+        self.input = self.session.get_inputs()[0].name
+
+    def predict(self, matrix: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+        x = np.column_stack([matrix, np.asarray(prediction, dtype=float)]).astype(np.float32)
+        out = np.asarray(self.session.run(None, {self.input: x})[0], dtype=float).reshape(-1)
+        out[out < 0] = 0.0  # a loss is never negative; trees fitted on noisy losses can dip below
+        return out
+
+
+def fit_error_model(matrix: np.ndarray, prediction: np.ndarray, loss: np.ndarray) -> Any:
+    """A gradient boosting regressor of ``loss`` on the matrix and the prediction (scikit-learn)."""
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    x = np.column_stack([matrix, np.asarray(prediction, dtype=float)]).astype(np.float32)
+    return GradientBoostingRegressor(**GBR_PARAMS).fit(x, loss)
+
+
+def export_error_model(model: Any, n_inputs: int, path: str | Path) -> None:
+    """Write a fitted error model as ONNX (one float input of ``n_inputs`` columns)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = convert_sklearn(
+        model,
+        initial_types=[("x", FloatTensorType([None, n_inputs]))],
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    Path(path).write_bytes(onx.SerializeToString())
