@@ -28,6 +28,7 @@ import yaml
 
 from .config import load_config
 from .errors import ConfigError, GuardedServingError
+from .estimation import estimation_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ def stage_context(config_path: str | Path, ctx: Path) -> dict[str, Any]:
         raw[role] = {**entry, "path": target}
     shutil.copy2(cfg.profile, bundle / "profile.json")
     raw["profile"] = "profile.json"
+    estimation = estimation_dir(cfg.profile)
+    if estimation.is_dir():  # the performance estimator's artefacts travel with their profile
+        shutil.copytree(estimation, estimation_dir(bundle / "profile.json"))
     (bundle / BUNDLED_CONFIG).write_text(yaml.safe_dump(raw, sort_keys=False))
     return dict(raw)
 

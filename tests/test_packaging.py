@@ -110,7 +110,8 @@ def test_bentoml_build_then_serve_the_bento_elsewhere(tmp_path: Path) -> None:
     bento_dir = Path(tmp_path / "bentoml-home" / "bentos" / "diamonds-guarded" / tag.split(":")[1])
     src = bento_dir / "src"
     for needed in ("models/diamonds/primary.onnx", "models/diamonds/fallback.onnx",
-                   "models/diamonds/profile.json", "models/diamonds/serving.yaml", "guarded_serving/service.py"):
+                   "models/diamonds/profile.json", "models/diamonds/serving.yaml", "guarded_serving/service.py",
+                   "models/diamonds/profile.estimation/estimation.json"):
         assert (src / needed).exists(), needed
     assert not (src / "models/diamonds/data").exists(), "training data does not belong in the bento"
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
@@ -152,6 +153,11 @@ def test_the_staged_context_bakes_in_the_config_its_profile_and_models(tmp_path:
     assert (bundle / "primary.onnx").read_bytes() == (config.parent / "forest.onnx").read_bytes()
     assert bundled_config(ctx / "guarded_serving") == bundle / "serving.yaml"
     assert load_config(bundle / "serving.yaml").name == "iris-species"
+    # The estimator's artefacts travel with the profile they were fitted for.
+    (config.parent / "iris-profile.estimation").mkdir()
+    (config.parent / "iris-profile.estimation" / "estimation.json").write_text("{}")
+    stage_context(config, tmp_path / "ctx2")
+    assert (tmp_path / "ctx2" / BUNDLE_DIR / "profile.estimation" / "estimation.json").read_text() == "{}"
     assert (ctx / "guarded_serving" / "container" / "entrypoint.sh").exists()
     spec = bentofile(raw, BuildOptions(base_image="localhost/base:1"))
     assert spec["name"] == "iris-species" and spec["service"] == "guarded_serving.service:GuardedService"
