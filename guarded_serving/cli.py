@@ -164,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .guard import GuardedModel
 
     config = load_config(args.config)
-    gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
+    gm = GuardedModel.from_config(config)
     data = read_table(args.data)
     parts = []
     for chunk in _chunks(data, "predicting"):

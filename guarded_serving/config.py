@@ -59,6 +59,8 @@ class StoreConfig:
     flush_seconds: float = 5.0
     #: Put before every table name, so several models (or environments) can share one database.
     table_prefix: str = "gs_"
+    #: Connect and statement timeout (s): a silent database is a fast 503 on the monitoring routes.
+    timeout_seconds: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class DriftConfig:
     min_rows: int = 200
     consecutive_windows_for_retrain: int = 3
     webhook_url: str | None = None
+    #: GET /drift reuses a view this young (s); concurrent callers share one evaluation.
+    view_cache_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,12 @@ class PredictionLogConfig:
     retention_days: float = 30.0
     queue_size: int = 10000
     batch_size: int = 500
+    #: The recorder writes what waits at least this often (s): the most a crash can lose by default.
+    flush_seconds: float = 1.0
+    #: Share of requests whose rows are logged (drift counting always sees every row).
+    sample_rate: float = 1.0
+    #: Acknowledge /predict only once its rows are committed (group commit across requests).
+    durable: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,8 @@ def parse_config(raw: Any, base: Path, source: Path | None = None) -> ServingCon
     store = _section(raw, "store", StoreConfig)
     if not store.url:
         url = os.environ.get("GUARDED_SERVING_STORE_URL") or f"sqlite:///{base / 'guarded-serving.sqlite3'}"
-        store = StoreConfig(url=url, flush_seconds=store.flush_seconds, table_prefix=store.table_prefix)
+        store = StoreConfig(url=url, flush_seconds=store.flush_seconds, table_prefix=store.table_prefix,
+                            timeout_seconds=store.timeout_seconds)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,40}", store.table_prefix):
         raise ConfigError(f"store.table_prefix: must be letters, digits and _, got {store.table_prefix!r}")
     if store.flush_seconds <= 0:

@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import anyio
 import bentoml
 from opentelemetry import trace
 from starlette.applications import Starlette
@@ -69,9 +68,6 @@ STATUS_BY_CODE = {
     "fallback_failed": 503,
     "store_unavailable": 503,
 }
-#: Batches up to this size are checked on the event loop (about 0.1-0.3 ms); only the primary
-#: model runs in a worker thread. Larger batches run wholly in a worker thread.
-INLINE_ROWS = 64
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -163,10 +159,7 @@ async def predict(request: Request) -> Response:
             _authorize(request, rt)
         rows, on_reject = _rows(await _read_json(request), rt.config.max_rows)
         trace.get_current_span().set_attribute("guarded_serving.request.id", rid)
-        if len(rows) <= INLINE_ROWS:
-            result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
-        else:  # big batches: checks take milliseconds, keep them off the event loop
-            result = await anyio.to_thread.run_sync(lambda: rt.predict(rows, request_id=rid, on_reject=on_reject))
+        result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
         body = {"request_id": rid, **result.to_dict()}
         if on_reject == "mark" and result.verdicts is not None and result.verdicts.problems:
             body["problems"] = [p.to_dict() for p in result.verdicts.problems]
@@ -189,7 +182,7 @@ async def feedback(request: Request) -> Response:
     try:
         _authorize(request, rt)
         items, overwrite = parse_feedback(await _read_json(request))
-        summary = await anyio.to_thread.run_sync(rt.feedback, items, overwrite)
+        summary = await rt.afeedback(items, overwrite)
         return _json({"received": len(items), **summary})
     except GuardedServingError as e:
         return error_response(e)
@@ -223,7 +216,7 @@ async def profile(request: Request) -> Response:
 async def drift(request: Request) -> Response:
     rt = runtime()
     try:
-        view = await anyio.to_thread.run_sync(rt.drift)
+        view = await rt.adrift()
         return _json(view)
     except GuardedServingError as e:
         return error_response(e)
@@ -234,7 +227,7 @@ async def performance(request: Request) -> Response:
     try:
         since = _float_param(request, "since")
         window = _float_param(request, "window_rows")
-        perf = await anyio.to_thread.run_sync(rt.performance, since, int(window) if window else None)
+        perf = await rt.aperformance(since, int(window) if window else None)
         return _json(perf)
     except GuardedServingError as e:
         return error_response(e)

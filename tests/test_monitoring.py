@@ -23,6 +23,7 @@ from guarded_serving.config import load_config
 from guarded_serving.drift.state import DriftState
 from guarded_serving.drift.stats import DriftThresholds, evaluate
 from guarded_serving.guard import GuardedModel
+from guarded_serving.recorder import fill_shadows
 from guarded_serving.store.sql import Store
 
 from . import _data
@@ -64,6 +65,7 @@ def _local_evaluation(df: pd.DataFrame) -> dict[str, Any]:
     state = DriftState.empty(gm.profile)
     r = gm.predict(df)
     assert r.verdicts is not None
+    fill_shadows(gm, r)  # as the service's recorder does
     state.update(r.verdicts.columns, r.primary_predictions)
     return evaluate(state, gm.profile, DriftThresholds(min_rows=config.drift.min_rows))
 
