@@ -346,7 +346,7 @@ def test_acknowledged_outcomes_survive_sigkill(tmp_path: Path) -> None:
 
 
 def test_a_slow_store_never_slows_predict_and_drops_are_counted(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, prediction_log={"queue_size": 20, "batch_size": 10}, **FAST)
+    cfg = write_config(tmp_path, prediction_log={"queue_size": 20, "batch_size": 10}, max_rows=20, **FAST)
     row = _data.json_rows(_data.features(_data.holdout()).head(1))
     with Server(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30.0) as c:
         def latencies(n: int) -> list[float]:
