@@ -224,11 +224,12 @@ class ServingRuntime:
                                         expected=self._outcome_type(), got=repr(outcome)[:80]))
         if problems:
             raise SchemaError(f"{len(problems)} outcome(s) of the wrong type", problems)
+        store = self.store()  # a store that is down fails here, fast, before any waiting
         self.recorder.flush(FEEDBACK_WAIT_S)
         deadline = time.monotonic() + FEEDBACK_WAIT_S
         while True:
             try:
-                return self.store().add_outcomes(items, overwrite=overwrite)
+                return store.add_outcomes(items, overwrite=overwrite)
             except NotFoundError:
                 # Another worker may not have written that request's log yet.
                 if time.monotonic() > deadline:
