@@ -19,8 +19,10 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
+from .codec import dumps
 from .config import ServingConfig
 from .errors import (
     GuardedServingError,
@@ -67,6 +69,12 @@ _MS_MASK = (1 << 48) - 1
 _RAND_B_MASK = (1 << 62) - 1
 
 
+@dataclass(frozen=True)
+class _View:
+    view: dict[str, Any]
+    body: bytes
+
+
 class ServingRuntime:
     """A guarded model plus its monitoring, for one process.
 
@@ -91,7 +99,7 @@ class ServingRuntime:
         self.monitoring = BoundedExecutor("guarded-monitoring", MONITOR_THREADS, MONITOR_QUEUE)
         self._stop = threading.Event()
         self._flusher_pid = -1
-        self._view: tuple[float, Future[dict[str, Any]]] | None = None
+        self._view: tuple[float, Future[_View]] | None = None
         self._view_lock = threading.Lock()  # guards _view only; never held across I/O
         self._last_purge = 0.0
 
@@ -182,6 +190,13 @@ class ServingRuntime:
     def drift(self) -> dict[str, Any]:
         """The merged drift view of every worker and replica writing to the store. Concurrent
         callers share one evaluation, and a view is reused for ``drift.view_cache_seconds``."""
+        return self._drift_view().view
+
+    def drift_json(self) -> bytes:
+        """``drift`` as JSON, encoded once per evaluation however many callers read it."""
+        return self._drift_view().body
+
+    def _drift_view(self) -> _View:
         if not self.config.drift.enabled:
             raise NotFoundError("drift monitoring is disabled in this serving config (drift.enabled)")
         now = time.monotonic()
@@ -190,7 +205,7 @@ class ServingRuntime:
             fresh = cached is not None and (not cached[1].done() or
                                             now - cached[0] < self.config.drift.view_cache_seconds)
             if not fresh:
-                mine: Future[dict[str, Any]] = Future()
+                mine: Future[_View] = Future()
                 self._view = (now, mine)
         if fresh:
             assert cached is not None
@@ -199,8 +214,9 @@ class ServingRuntime:
             self.recorder.flush(self.timeout_s)
             self.flush_drift()
             view = self.monitor.view()
-            mine.set_result(view)
-            return view
+            out = _View(view, dumps(view).encode())
+            mine.set_result(out)
+            return out
         except BaseException as e:
             mine.set_exception(e)
             with self._view_lock:
@@ -208,9 +224,25 @@ class ServingRuntime:
                     self._view = None  # an error is not cached
             raise
 
+    def _cached_view(self) -> _View | None:
+        """A fresh evaluated view, without waiting or a thread hop; None if there is none."""
+        cached = self._view
+        if cached is None or not cached[1].done() or cached[1].exception() is not None:
+            return None
+        if time.monotonic() - cached[0] >= self.config.drift.view_cache_seconds:
+            return None
+        return cached[1].result()
+
     async def adrift(self) -> dict[str, Any]:
         """``drift`` on the monitoring executor, bounded by the store timeout."""
-        return await self._monitoring(self.drift)
+        cached = self._cached_view()
+        return cached.view if cached is not None else await self._monitoring(self.drift)
+
+    async def adrift_json(self) -> bytes:
+        """``drift_json`` from an event loop: a fresh cached view is answered on the loop, with
+        no thread hop; otherwise on the monitoring executor, bounded by the store timeout."""
+        cached = self._cached_view()
+        return cached.body if cached is not None else await self._monitoring(self.drift_json)
 
     # -- feedback and performance --------------------------------------------------------------
 

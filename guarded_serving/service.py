@@ -216,8 +216,7 @@ async def profile(request: Request) -> Response:
 async def drift(request: Request) -> Response:
     rt = runtime()
     try:
-        view = await rt.adrift()
-        return _json(view)
+        return Response(await rt.adrift_json(), media_type="application/json")
     except GuardedServingError as e:
         return error_response(e)
 
