@@ -3,9 +3,9 @@ Arrow IPC record batch.
 
 A flush of the recorder becomes one ``LogBatch``: one array per log column, the features as
 typed columns (``float64`` or dictionary-encoded text, never JSON text per row), strings that
-repeat (routes, reasons, model names) dictionary-encoded, the whole body zstd-compressed. Request
-ids and row numbers are not in the body: the store's index maps each request to its rows of a
-batch. About 60 bytes a logged row for the example, against about 390 as one SQL row per row.
+repeat (routes, reasons, model names, request ids) dictionary-encoded, the whole body
+zstd-compressed. A body is self-contained (it holds its request ids and row numbers); the store's
+index maps each request to its batch for lookups.
 
 >>> b = LogBatch.from_rows([{"request_id": "r1", "row": 0, "ts": 1.0, "prediction": 2.5,
 ...                          "route": "primary", "features": {"carat": 0.5}}])
@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from ..codec import dumps, loads
 
-#: Log columns in the body, in order (request_id and row live in the index).
+#: Log columns in the body, in order (after request_id and row).
 LOG_COLUMNS = (
     "ts", "model", "primary_model", "primary_version", "fallback_model", "fallback_version",
     "route", "reasons", "prediction", "primary_prediction", "fallback_prediction",
@@ -88,7 +88,9 @@ def _array(values: list[Any]) -> np.ndarray:
 def encode(batch: LogBatch) -> bytes:
     """The batch body as a zstd-compressed Arrow IPC stream."""
     n = len(batch)
-    arrays, fields = [], []
+    arrays = [pa.array(batch.request_id.tolist(), type=pa.string()).dictionary_encode(),
+              pa.array(batch.row, type=pa.int32())]
+    fields = [pa.field("request_id", arrays[0].type), pa.field("row", pa.int32())]
     for name, values in [*((c, batch.columns.get(c)) for c in LOG_COLUMNS),
                          *((FEATURE_PREFIX + k, v) for k, v in batch.features.items())]:
         arr, meta = _to_arrow(values, n, as_json=name in JSON_COLUMNS)
@@ -123,6 +125,9 @@ def decode(body: bytes) -> dict[str, np.ndarray]:
         table = reader.read_all()
     out: dict[str, np.ndarray] = {}
     for f, col in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_integer(f.type):
+            out[f.name] = col.to_numpy()
+            continue
         if pa.types.is_floating(f.type) or pa.types.is_null(f.type):
             out[f.name] = col.to_numpy().astype(np.float64) if not pa.types.is_null(f.type) \
                 else np.full(len(col), np.nan)

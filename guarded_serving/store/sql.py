@@ -161,8 +161,8 @@ class Store:
             sa.Column("first_row", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("n_rows", sa.Integer, nullable=False),
             sa.Column("batch_id", sa.Integer, nullable=False),
-            sa.Column("offset", sa.Integer, nullable=False),
-            sa.Index(f"{p}log_index_batch", "batch_id"),
+            # No index on batch_id: bodies carry their own request ids, so reads never need
+            # one, and only the hourly purge scans this table by batch.
             sqlite_with_rowid=False,
         )
         self.t_outcomes = sa.Table(
@@ -326,8 +326,8 @@ class Store:
                 body=encode(batch)))
             batch_id = _new_id(res)
             conn.execute(ix.insert(), [
-                {"request_id": rid, "first_row": first, "n_rows": n, "batch_id": batch_id, "offset": off}
-                for rid, first, n, off in _runs(batch.request_id, batch.row)])
+                {"request_id": rid, "first_row": first, "n_rows": n, "batch_id": batch_id}
+                for rid, first, n in _runs(batch.request_id, batch.row)])
             return len(batch)
 
     def _new_rows(self, conn: Connection, batch: LogBatch) -> np.ndarray:
@@ -491,13 +491,9 @@ class Store:
             if q is not None and since is not None:
                 q = q.where(t.c.last_ts >= float(since))
             bodies = [] if q is None else conn.execute(q.order_by(t.c.id)).all()
-            runs: list[Any] = []
-            for chunk in _chunks([int(i) for i, _ in bodies]):
-                runs.extend(conn.execute(sa.select(ix.c.batch_id, ix.c.offset, ix.c.n_rows, ix.c.request_id,
-                                                   ix.c.first_row).where(ix.c.batch_id.in_(chunk))))
             if outcomes is None:
                 outcomes = conn.execute(sa.select(o.c.request_id, o.c.row, o.c.outcome, o.c.ts)).all()
-        frame = _log_frame(bodies, runs, features)
+        frame = _log_frame(bodies, features)
         if since is not None and len(frame):
             frame = frame[frame["ts"].to_numpy() >= float(since)]
         got = {(r[0], int(r[1])): (loads(r[2]), float(r[3])) for r in outcomes}
@@ -655,37 +651,27 @@ def _text(v: Any) -> str:
     return json.dumps(v, default=str)
 
 
-def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int, int]]:
-    """(request_id, first_row, n_rows, offset) for each run of consecutive rows of one request."""
+def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]:
+    """(request_id, first_row, n_rows) for each run of consecutive rows of one request."""
     n = len(row)
-    if n == 0:
-        return []
     rid = request_id.tolist()
     rows = row.tolist()
     out = []
     start = 0
     for i in range(1, n + 1):
         if i == n or rid[i] != rid[start] or rows[i] != rows[i - 1] + 1:
-            out.append((rid[start], int(rows[start]), i - start, start))
+            out.append((rid[start], int(rows[start]), i - start))
             start = i
     return out
 
 
-def _log_frame(bodies: list[Any], runs: list[Any], features: bool) -> pd.DataFrame:
+def _log_frame(bodies: list[Any], features: bool) -> pd.DataFrame:
     """The log rows of ``bodies`` as a DataFrame in ``PREDICTION_COLUMNS`` order."""
-    by_batch: dict[int, list[Any]] = {}
-    for r in runs:
-        by_batch.setdefault(int(r[0]), []).append(r)
     parts: list[dict[str, Any]] = []
-    for batch_id, body in bodies:
+    for _batch_id, body in bodies:
         cols = decode(bytes(body))
         n = len(cols["ts"])
-        rid = np.empty(n, dtype=object)
-        row = np.full(n, -1, dtype=np.int64)
-        for _, off, k, r, first in by_batch.get(int(batch_id), []):
-            rid[off:off + k] = r
-            row[off:off + k] = np.arange(first, first + k)
-        part: dict[str, Any] = {"request_id": rid, "row": row}
+        part: dict[str, Any] = {"request_id": cols["request_id"], "row": cols["row"].astype(np.int64)}
         part.update({c: cols[c] for c in LOG_COLUMNS})
         if features:
             names = [c for c in cols if c.startswith(FEATURE_PREFIX)]
@@ -699,4 +685,4 @@ def _log_frame(bodies: list[Any], runs: list[Any], features: bool) -> pd.DataFra
     data = {c: np.concatenate([p[c] for p in parts]) for c in names}
     frame = pd.DataFrame({c: pd.Series(data[c], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names})
     frame["reasons"] = frame["reasons"].map(lambda v: "" if v is None or v != v else v)
-    return frame[frame["row"].to_numpy() >= 0].reset_index(drop=True)
+    return frame
