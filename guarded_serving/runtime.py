@@ -32,7 +32,7 @@ from .errors import (
     SchemaError,
     StoreError,
 )
-from .executors import BoundedExecutor
+from .executors import BoundedExecutor, ExecutorBusyError
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
 from .performance import live_performance, metric_gauges
@@ -48,6 +48,10 @@ FEEDBACK_WAIT_S = 2.0
 INLINE_ROWS = 64
 #: Threads and queued calls of the monitoring endpoints' executor.
 MONITOR_THREADS, MONITOR_QUEUE = 2, 32
+#: GET /drift and /performance answers per second per worker, and the longest a read may wait
+#: for its turn (past that it is a 503 at once): dashboards polling in a tight loop get paced
+#: answers instead of taking the event loop from /predict.
+READS_PER_S, READ_WAIT_S = 10.0, 5.0
 #: How long close() may take in all (BentoML's shutdown waits for it).
 CLOSE_TIMEOUT_S = 5.0
 
@@ -102,6 +106,7 @@ class ServingRuntime:
         self._view: tuple[float, Future[_View]] | None = None
         self._view_lock = threading.Lock()  # guards _view only; never held across I/O
         self._last_purge = 0.0
+        self._next_read = 0.0  # event-loop time of the next free read slot
 
     def _on_drop(self, n: int, stage: str) -> None:
         if self.metrics is not None:
@@ -233,14 +238,28 @@ class ServingRuntime:
             return None
         return cached[1].result()
 
+    async def _paced(self) -> None:
+        """Wait for this read's slot (READS_PER_S); ExecutorBusyError when it is too far off.
+        Runs on the event loop only, so the slot counter needs no lock."""
+        now = time.monotonic()
+        slot = max(now, self._next_read)
+        if slot - now > READ_WAIT_S:
+            raise ExecutorBusyError(f"more than {READS_PER_S:.0f} monitoring reads a second are "
+                                    "waiting; try again shortly")
+        self._next_read = slot + 1.0 / READS_PER_S
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
     async def adrift(self) -> dict[str, Any]:
         """``drift`` on the monitoring executor, bounded by the store timeout."""
+        await self._paced()
         cached = self._cached_view()
         return cached.view if cached is not None else await self._monitoring(self.drift)
 
     async def adrift_json(self) -> bytes:
         """``drift_json`` from an event loop: a fresh cached view is answered on the loop, with
         no thread hop; otherwise on the monitoring executor, bounded by the store timeout."""
+        await self._paced()
         cached = self._cached_view()
         return cached.body if cached is not None else await self._monitoring(self.drift_json)
 
@@ -298,6 +317,7 @@ class ServingRuntime:
 
     async def aperformance(self, since: float | None = None, window_rows: int | None = None) -> dict[str, Any]:
         """``performance`` on the monitoring executor, bounded by the store timeout."""
+        await self._paced()
         return await self._monitoring(self.performance, since, window_rows)
 
     async def _monitoring(self, fn: Any, *args: Any, extra: float = 0.0) -> Any:

@@ -33,9 +33,6 @@ def _predict_latencies(url: str, seconds: float) -> tuple[list[float], list[list
     return out, reasons
 
 
-@pytest.mark.xfail(strict=False, reason="known gap (issue 10): no latency_budget rows any more, but 32 "
-                   "readers in a tight loop saturate the worker's one event loop (HTTP handling and "
-                   "the JSON of each /drift answer): p99 13 ms -> 335 ms measured on a shared 2-core box")
 def test_32_concurrent_drift_readers_do_not_slow_predict(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, store={"flush_seconds": 0.5})
     with Server(cfg) as srv:
