@@ -115,15 +115,22 @@ class Recorder:
 
     # -- request path ------------------------------------------------------------------------
 
-    def submit(self, request_id: str, result: GuardedResult) -> Future[int] | None:
-        """Hand a served batch over. Never blocks on the store. In durable mode, returns a future
-        that completes when the batch's rows are committed (or fails with StoreError)."""
+    def submit(self, request_id: str, result: GuardedResult, wait_s: float = 0.0) -> Future[int] | None:
+        """Hand a served batch over. Never blocks on the store; when the queue is full it waits
+        at most ``wait_s`` for the consumer to take what waits (callers on a worker thread may;
+        the event loop may not), then drops the batch and counts it. In durable mode, returns a
+        future that completes when the batch's rows are committed (or fails with StoreError)."""
         if result.verdicts is None or not self.active:
             return None
         n = result.n_rows
         logged = self.log_enabled and (self.sample_rate >= 1.0 or np.random.random() < self.sample_rate)
         done: Future[int] | None = Future() if self.durable and logged else None
         with self._lock_for_process():
+            if wait_s > 0 and not self._closing and self._queued + n > self.queue_rows:
+                self._room_wanted += 1  # the consumer takes everything waiting at once
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._closing or self._queued + n <= self.queue_rows, wait_s)
+                self._room_wanted -= 1
             if self._closing or self._queued + n > self.queue_rows:
                 accepted = False
             else:
@@ -132,7 +139,7 @@ class Recorder:
                 self._queued += n
                 self.counts.submitted += n
                 if done is not None or self._queued >= self.batch_rows:
-                    self._cond.notify()
+                    self._cond.notify_all()
         if not accepted:
             self._dropped(n, "monitoring")
             if done is not None:
@@ -150,6 +157,7 @@ class Recorder:
             self._taken = 0  # items taken by the consumer, in order
             self._finished = 0  # items fully processed
             self._flush_wanted = 0
+            self._room_wanted = 0  # producers waiting for room in a full queue
             self._closing = False
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="guarded-recorder", daemon=True)
@@ -213,6 +221,7 @@ class Recorder:
                 while not self._closing:
                     due = self._queue and (
                         self._queued >= self.batch_rows or self._flush_wanted > self._taken
+                        or self._room_wanted
                         or any(it.done is not None for it in self._queue)
                         or time.monotonic() - since >= self.flush_seconds)
                     if due:
@@ -226,6 +235,7 @@ class Recorder:
                 self._queue.clear()
                 self._queued = 0
                 self._taken += len(items)
+                cond.notify_all()  # producers waiting for room
             try:
                 self._process(items)
             except Exception as e:  # monitoring must never take serving down

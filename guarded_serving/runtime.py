@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 FEEDBACK_WAIT_S = 2.0
 #: Batches up to this many rows are checked on the event loop; larger ones in a thread.
 INLINE_ROWS = 64
+#: How long a request on a worker thread (big batches, the sync API) may wait for room in a
+#: full recorder queue before its rows are dropped and counted; the event loop never waits.
+RECORD_WAIT_S = 1.0
 #: Threads and queued calls of the monitoring endpoints' executor.
 MONITOR_THREADS, MONITOR_QUEUE = 2, 32
 #: GET /drift and /performance answers per second per worker, and the longest a read may wait
@@ -119,7 +122,7 @@ class ServingRuntime:
         In durable mode it returns once the batch's rows are committed (StoreError if they
         cannot be)."""
         result = self._counted(lambda: self.guard.predict(rows, on_reject=on_reject, request_id=request_id), rows)
-        done = self._record(result, request_id)
+        done = self._record(result, request_id, wait_s=RECORD_WAIT_S)
         if done is not None:
             self._durable_wait(done)
         return result
@@ -128,19 +131,23 @@ class ServingRuntime:
         """``predict`` from an event loop: small batches are checked on the loop, the primary
         runs on its executor; big batches are checked in a thread. Durable mode awaits the
         batch's group commit."""
-        if _n_rows(rows) <= INLINE_ROWS:
+        if _n_rows(rows) > INLINE_ROWS:
+            import anyio
+
+            def checked_and_handed_over() -> tuple[GuardedResult, Future[int] | None]:
+                res = self._counted(lambda: self.guard.predict(rows, on_reject=on_reject,
+                                                               request_id=request_id), rows)
+                # On a worker thread a full recorder queue may be waited for, briefly.
+                return res, self._record(res, request_id, wait_s=RECORD_WAIT_S)
+
+            result, done = await anyio.to_thread.run_sync(checked_and_handed_over)
+        else:
             try:
                 result = await self.guard.apredict(rows, on_reject=on_reject, request_id=request_id)
             except SchemaError:
                 self._count_rejected(rows)
                 raise
-        else:
-            import anyio
-
-            result = await anyio.to_thread.run_sync(
-                lambda: self._counted(lambda: self.guard.predict(rows, on_reject=on_reject,
-                                                                 request_id=request_id), rows))
-        done = self._record(result, request_id)
+            done = self._record(result, request_id)  # on the loop: never waits
         if done is not None:
             try:
                 await asyncio.wait_for(asyncio.wrap_future(done), self._durable_timeout())
@@ -160,11 +167,11 @@ class ServingRuntime:
         if self.metrics is not None:
             self.metrics.rejected(_n_rows(rows))
 
-    def _record(self, result: GuardedResult, request_id: str) -> Future[int] | None:
+    def _record(self, result: GuardedResult, request_id: str, wait_s: float = 0.0) -> Future[int] | None:
         if self.metrics is not None:
             self.metrics.observe(result)
         self._ensure_flusher()
-        return self.recorder.submit(request_id, result)
+        return self.recorder.submit(request_id, result, wait_s)
 
     def _durable_timeout(self) -> float:
         return self.config.prediction_log.flush_seconds + 3 * self.timeout_s

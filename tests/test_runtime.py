@@ -83,10 +83,25 @@ def test_a_full_queue_drops_and_counts_instead_of_growing(tmp_path: Path) -> Non
     rt = _runtime(tmp_path, prediction_log={"queue_size": 10, "flush_seconds": 30.0, "batch_size": 10_000},
                   max_rows=10)
     rows = json_rows(features(holdout()).head(10))
-    for _ in range(5):
-        rt.predict(rows, request_id=new_request_id())
+
+    async def on_the_loop() -> None:  # the event loop never waits for room: it drops and counts
+        for _ in range(5):
+            await rt.apredict(rows, request_id=new_request_id())
+
+    asyncio.run(on_the_loop())
     c = rt.recorder.counts
     assert c.submitted + c.dropped["monitoring"] == 50 and c.dropped["monitoring"] >= 30
+    rt.close()
+
+
+def test_a_worker_thread_waits_briefly_for_room_instead_of_dropping(tmp_path: Path) -> None:
+    rt = _runtime(tmp_path, prediction_log={"queue_size": 10, "flush_seconds": 30.0, "batch_size": 10_000},
+                  max_rows=10)
+    rows = json_rows(features(holdout()).head(10))
+    for _ in range(5):
+        rt.predict(rows, request_id=new_request_id())
+    assert rt.recorder.flush(10)
+    assert rt.recorder.counts.dropped["monitoring"] == 0 and rt.store().log_size()["rows"] == 50
     rt.close()
 
 
