@@ -88,7 +88,7 @@ def _array(values: list[Any]) -> np.ndarray:
 def encode(batch: LogBatch) -> bytes:
     """The batch body as a zstd-compressed Arrow IPC stream."""
     n = len(batch)
-    arrays = [pa.array(batch.request_id.tolist(), type=pa.string()).dictionary_encode(),
+    arrays = [pa.array(batch.request_id, type=pa.string()).dictionary_encode(),
               pa.array(batch.row, type=pa.int32())]
     fields = [pa.field("request_id", arrays[0].type), pa.field("row", pa.int32())]
     for name, values in [*((c, batch.columns.get(c)) for c in LOG_COLUMNS),
@@ -111,11 +111,18 @@ def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Arra
         return pa.array(values, type=pa.float64(), from_pandas=True), None
     if values.dtype.kind in "iub":
         return pa.array(values.astype(np.float64)), None
+    if not as_json:
+        try:  # text (with None or NaN for missing): typed and encoded by Arrow, no Python loop
+            arr = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arr = None
+        if arr is not None and pa.types.is_null(arr.type):
+            return pa.nulls(n, pa.string()), None
+        if arr is not None and pa.types.is_string(arr.type):
+            return arr.dictionary_encode(), None
     texts = values.tolist()
-    if as_json or not all(v is None or isinstance(v, str) for v in texts):
-        return pa.array([None if v is None else dumps(v) for v in texts], type=pa.string()).dictionary_encode(), \
-            {_JSON_META: b"1"}
-    return pa.array(texts, type=pa.string()).dictionary_encode(), None
+    return pa.array([None if v is None else dumps(v) for v in texts], type=pa.string()).dictionary_encode(), \
+        {_JSON_META: b"1"}
 
 
 def decode(body: bytes) -> dict[str, np.ndarray]:
@@ -133,7 +140,8 @@ def decode(body: bytes) -> dict[str, np.ndarray]:
                 else np.full(len(col), np.nan)
             continue
         chunks = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in col.chunks]
-        values = np.array([v for c in chunks for v in c.to_pylist()], dtype=object)
+        values = np.concatenate([c.to_numpy(zero_copy_only=False).astype(object) for c in chunks]) \
+            if chunks else np.array([], dtype=object)
         if f.metadata and f.metadata.get(_JSON_META):
             distinct = {v: loads(v) for v in set(values.tolist()) if v is not None}
             values = np.array([None if v is None else distinct[v] for v in values.tolist()], dtype=object) \
