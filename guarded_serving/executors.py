@@ -82,6 +82,8 @@ class BoundedExecutor:
         that finished in time but whose result a busy event loop saw late is not a timeout."""
         fut = self.submit(fn, *args)
         wrapped = asyncio.wrap_future(fut)
+        # An abandoned call's error is nobody's to retrieve: mark it seen, not logged at GC.
+        wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())
         if timeout is None:
             return await wrapped
         try:

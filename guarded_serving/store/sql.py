@@ -665,7 +665,7 @@ def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]
     return out
 
 
-def _log_frame(bodies: list[Any], features: bool) -> pd.DataFrame:
+def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
     """The log rows of ``bodies`` as a DataFrame in ``PREDICTION_COLUMNS`` order."""
     parts: list[dict[str, Any]] = []
     for _batch_id, body in bodies:
