@@ -188,11 +188,8 @@ def single_row(repeats: int) -> dict[str, list[float]]:
     row = pd.read_parquet(EXAMPLE / "data" / "holdout.parquet").drop(columns=["price"]).iloc[:1]
     rows = row.to_dict(orient="records")
     results: dict[str, list[float]] = {}
-    for label, shadow in (("guarded", False), ("guarded+shadow", True)):
-        gm = GuardedModel.from_config(config, shadow_fallback=shadow)
-        results[label] = timed(lambda gm=gm: gm.predict(rows), repeats)
-        gm.close()
-    gm = GuardedModel.from_config(config, shadow_fallback=False)
+    gm = GuardedModel.from_config(config)
+    results["guarded"] = timed(lambda: gm.predict(rows), repeats)
     session = gm.primary.session  # type: ignore[attr-defined]
     feeds = gm.primary._feeds({c: row[c].to_numpy() for c in row.columns})  # type: ignore[attr-defined]
     results["bare onnxruntime"] = timed(lambda: session.run(None, feeds), repeats)

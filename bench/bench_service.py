@@ -5,9 +5,9 @@
 
 Both run through ``bentoml serve`` with one worker on loopback; the load generator is ``wrk``
 (Debian package ``wrk``; installed with apt-get when missing), the same for both, with the same
-request bodies: ``{"rows": [...]}`` with 1 and with 100 rows of the example's holdout data. The
-guarded service runs with everything on: checks, shadow fallback, drift counting, the prediction
-log into SQLite and Prometheus metrics. Cases alternate (guarded, plain, guarded, ...) so machine
+request bodies: ``{"rows": [...]}`` with 1, 100 and 1,000 rows of the example's holdout data. The
+guarded service runs with everything on: checks, shadow fallback and primary, drift counting, the
+prediction log into SQLite (sample_rate 1.0) and Prometheus metrics. Cases alternate (guarded, plain, guarded, ...) so machine
 noise hits both alike; the table reports medians over rounds and the ratios guarded / plain, and
 also the median of the per-round ratios (each round's guarded run against the plain run right
 after it, which cancels slow drifts in the machine's load) and each worker's CPU time per request
@@ -114,11 +114,29 @@ def monitoring_counts(url: str) -> dict[str, float]:
                                         if x.startswith(dropped + "{") and 'stage="monitoring"' in x)}
 
 
+def log_size(config: Path) -> dict[str, float]:
+    """Rows in the guarded service's prediction log and their bytes (bodies + index rows)."""
+    from guarded_serving.config import load_config
+    from guarded_serving.store.sql import Store
+
+    cfg = load_config(config)
+    store = Store(cfg.store.url, prefix=cfg.store.table_prefix)
+    try:
+        size: dict[str, float] = dict(store.log_size())
+    finally:
+        store.close()
+    # An index row: its key (request id) plus about 16 bytes of numbers and record header.
+    total = size["body_bytes"] + size["index_key_bytes"] + 16 * size["index_entries"]
+    size["bytes_per_row"] = total / size["rows"] if size["rows"] else 0.0
+    return size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 100, 1000], help="rows per request, per case")
     ap.add_argument("--overrides", default="{}",
                     help='serving-config overrides as JSON, to measure what a feature costs, e.g. '
                          '\'{"prediction_log": {"enabled": false}}\'')
@@ -127,7 +145,8 @@ def main() -> None:
     wrk = ensure_wrk()
     holdout = pd.read_parquet(ROOT / "models" / "diamonds" / "data" / "holdout.parquet").drop(columns=["price"])
     tmp = Path(tempfile.mkdtemp(prefix="gs-bench-"))
-    bodies = {n: json.dumps({"rows": json.loads(holdout.head(n).to_json(orient="records"))}) for n in (1, 100)}
+    rows = pd.concat([holdout] * (1000 // len(holdout) + 1), ignore_index=True)
+    bodies = {n: json.dumps({"rows": json.loads(rows.head(n).to_json(orient="records"))}) for n in args.rows}
     scripts = {n: lua_for(b, tmp / f"rows{n}") for n, b in bodies.items()}
     env = {"OMP_NUM_THREADS": "1"}
     guarded = Server(write_config(tmp, **json.loads(args.overrides)), workers=1, env=env)
@@ -177,6 +196,11 @@ def main() -> None:
         print(f"{'':>12} {'paired':>8} {paired['throughput']:>9.2f} {paired['p50']:>8.2f}"
               f"   (log dropped {r['monitoring']['dropped']:.0f} of {r['monitoring']['served']:.0f} rows, "
               f"{r['monitoring']['dropped_before_drift']:.0f} of them before drift counting)")
+    results["log_size"] = log_size(guarded.config)
+    size = results["log_size"]
+    if size.get("rows"):
+        print(f"prediction log: {size['rows']} rows, {size['bytes_per_row']:.1f} bytes a row "
+              "(batch bodies plus index entries)")
     results["cpu_count"] = os.cpu_count()
     results["overrides"] = json.loads(args.overrides)
     out = Path(args.out)

@@ -280,7 +280,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         output_suffix(args.out)
     config = load_config(args.config)
-    gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
+    gm = GuardedModel.from_config(config)
     data = read_table(args.data)
     missing = [f.name for f in gm.profile.features if f.name not in data.columns]
     if missing:
@@ -543,7 +543,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         raise ProfileError(f"no estimation artefacts beside {config.profile} (expected "
                            f"{estimation_dir(config.profile)}/); build the profile with --primary, "
                            "--fallback and --holdout")
-    gm = GuardedModel.from_config(config, shadow_fallback=False, shadow_primary=False)
+    gm = GuardedModel.from_config(config)
     estimator = WindowEstimator.load(config.profile, gm.profile)
     models = {"primary": gm.primary, "fallback": gm.fallback}
     data = read_table(args.data)

@@ -162,6 +162,8 @@ class StoreConfig(_Section):
     flush_seconds: PositiveFloat = 5.0
     #: Put before every table name, so several models (or environments) can share one database.
     table_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")] = "gs_"
+    #: Connect and statement timeout (s): a silent database is a fast 503 on the monitoring routes.
+    timeout_seconds: PositiveFloat = 3.0
 
 
 class DriftConfig(_Section):
@@ -171,6 +173,8 @@ class DriftConfig(_Section):
     min_rows: PositiveInt = 200
     consecutive_windows_for_retrain: PositiveInt = 3
     webhook_url: str | None = None
+    #: GET /drift reuses a view this young (s); concurrent callers share one evaluation.
+    view_cache_seconds: Annotated[float, Ge(0)] = 1.0
 
 
 class PredictionLogConfig(_Section):
@@ -182,6 +186,12 @@ class PredictionLogConfig(_Section):
     retention_days: Annotated[float, Ge(0)] = 30.0
     queue_size: PositiveInt = 10000
     batch_size: PositiveInt = 500
+    #: The recorder writes what waits at least this often (s): the most a crash can lose by default.
+    flush_seconds: PositiveFloat = 1.0
+    #: Share of requests whose rows are logged (drift counting always sees every row).
+    sample_rate: Annotated[float, Ge(0.0), Le(1.0)] = 1.0
+    #: Acknowledge /predict only once its rows are committed (group commit across requests).
+    durable: bool = False
 
 
 class AuthConfig(_Section):

@@ -11,33 +11,55 @@ installs a tracer provider (the service does).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import pandas as pd
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from .adapters import Model, Prediction, load_model
+from .breaker import CircuitBreaker
 from .checks import LATENCY_BUDGET, OK, PRIMARY_ERROR, Verdicts, check_batch
+from .codec import column_values
 from .config import ModelSpec, ServingConfig
 from .errors import ConfigError, FallbackFailedError, SchemaError
+from .executors import BoundedExecutor, ExecutorBusyError
 from .policy import Policy
 from .profile import Profile
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("guarded_serving")
 
-PRIMARY, FALLBACK_ROUTE, REJECTED = "primary", "fallback", "rejected"
+
+
+class Route(StrEnum):
+    """Where a row's answer came from."""
+
+    PRIMARY = "primary"
+    FALLBACK = "fallback"
+    REJECTED = "rejected"
+
+
+PRIMARY, FALLBACK_ROUTE, REJECTED = Route.PRIMARY.value, Route.FALLBACK.value, Route.REJECTED.value
+#: Threads of the primary model's executor (per worker process), and calls that may wait for
+#: one (each within its own deadline); past that a call is answered by the fallback at once.
+PRIMARY_THREADS = 8
+PRIMARY_QUEUE = 64
+#: Consecutive late or failed primary calls that open the circuit breaker, and for how long (s).
+BREAKER_FAILURES = 5
+BREAKER_OPEN_S = 5.0
+#: Calls in a row well inside the deadline after which the sync ``predict`` calls inline.
+INLINE_STREAK = 20
+#: DataFrames up to this many rows are checked as plain columns (as JSON rows are).
+SMALL_FRAME_ROWS = 16
 
 
 @dataclass
@@ -70,7 +92,7 @@ class GuardedResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready body (NaN becomes null)."""
         out: dict[str, Any] = {
-            "predictions": _jsonable(self.predictions),
+            "predictions": column_values(self.predictions),
             "routes": self.routes.tolist(),
             "reasons": self.reasons,
             "timing_ms": {k: round(v, 4) for k, v in self.timing_ms.items()},
@@ -83,30 +105,28 @@ class GuardedResult:
         return out
 
 
-def _jsonable(a: np.ndarray | None) -> list[Any]:
-    if a is None:
-        return []
-    if a.dtype.kind == "f":
-        return [None if np.isnan(x) else x for x in a.tolist()]
-    return [x.item() if hasattr(x, "item") else x for x in a.tolist()]
-
-
 class GuardedModel:
     """Primary + fallback + profile + policy.
 
-    ``latency_budget_ms``: the primary runs in a worker thread and the request waits at most this
-    long for it; rows of a late (or raising) primary call get the fallback's answer. A late call
-    keeps running in the background, and at most ``max_primary_inflight`` may do so before the
-    primary is skipped outright. ``shadow_fallback``: also run the fallback on rows the primary
-    answered, so the two can be compared on the same rows. ``shadow_primary``: also run the
-    primary on rows the checks sent to the fallback (its answers are recorded, never served), so
-    live outcomes can show whether routing them away helped. Shadow calls never fail a request.
+    ``latency_budget_ms`` is a per-call deadline: the primary runs on its own bounded executor
+    and a request waits at most this long for it; rows of a late (or raising) call get the
+    fallback's answer, the late call finishes in the background. A circuit breaker
+    (``breaker.CircuitBreaker``) skips the primary only after ``BREAKER_FAILURES`` consecutive
+    late or failed calls, for ``BREAKER_OPEN_S``, then probes it one call at a time: a few slow
+    calls cost their own rows, never hundreds of requests behind them.
+
+    The synchronous ``predict`` calls a model that has stayed well inside its deadline
+    (``INLINE_STREAK`` calls in a row under a quarter of it) on the caller's thread, saving the
+    thread hop; a call that then runs late is served (it is done) but counted by the breaker,
+    and the next calls go through the executor again. ``apredict`` always uses the executor.
+
+    Shadow predictions (the other model on the same rows, for the record) are not made here:
+    the recorder makes them in the background, batched over many requests.
     """
 
     def __init__(self, primary: Model, fallback: Model, profile: Profile,
                  policy: Policy | None = None, latency_budget_ms: float | None = None,
-                 name: str = "model", shadow_fallback: bool = False,
-                 max_primary_inflight: int = 4, shadow_primary: bool = False) -> None:
+                 name: str = "model", primary_threads: int = PRIMARY_THREADS) -> None:
         for role, m in (("primary", primary), ("fallback", fallback)):
             if m.task != profile.task:
                 raise ConfigError(f"the {role} model's task is {m.task!r} but the profile's is {profile.task!r}")
@@ -116,32 +136,19 @@ class GuardedModel:
         self.policy = policy or Policy()
         self.latency_budget_ms = latency_budget_ms
         self.name = name
-        self.shadow_fallback = shadow_fallback
-        self.shadow_primary = shadow_primary
-        self.max_primary_inflight = max_primary_inflight
-        self._inflight = 0
-        self._lock = threading.Lock()
-        self._executor = (
-            ThreadPoolExecutor(max_workers=max_primary_inflight + 1, thread_name_prefix="guarded-primary")
-            if latency_budget_ms is not None
-            else None
-        )
+        self.executor = BoundedExecutor("guarded-primary", threads=primary_threads, queue=PRIMARY_QUEUE)
+        self.breaker = CircuitBreaker(BREAKER_FAILURES, BREAKER_OPEN_S)
+        self._inline_streak = 0
 
     @classmethod
-    def from_config(cls, config: ServingConfig, *, shadow_fallback: bool | None = None,
-                    shadow_primary: bool | None = None) -> GuardedModel:
+    def from_config(cls, config: ServingConfig) -> GuardedModel:
         """Load models and profile named by a serving config."""
         profile = Profile.load(config.profile)
         if profile.task != config.task:
             raise ConfigError(f"task: the config says {config.task!r} but the profile says {profile.task!r}")
         primary = _load(config.primary, config.task, "primary")
         fallback = _load(config.fallback, config.task, "fallback")
-        if shadow_fallback is None:
-            shadow_fallback = config.prediction_log.enabled and config.prediction_log.shadow_fallback
-        if shadow_primary is None:
-            shadow_primary = config.prediction_log.enabled and config.prediction_log.shadow_primary
-        return cls(primary, fallback, profile, config.policy, config.latency_budget_ms,
-                   config.name, shadow_fallback, shadow_primary=shadow_primary)
+        return cls(primary, fallback, profile, config.policy, config.latency_budget_ms, config.name)
 
     # -- prediction --------------------------------------------------------------------------
 
@@ -162,7 +169,7 @@ class GuardedModel:
 
     async def apredict(self, data: Any, *, on_reject: str = "raise", request_id: str | None = None) -> GuardedResult:
         """``predict`` for an event loop: checks and the fallback run inline (they are fast and
-        bounded), the primary runs in a worker thread, awaited at most ``latency_budget_ms``.
+        bounded), the primary runs on its executor, awaited at most ``latency_budget_ms``.
         One thread hop per batch, like a plain synchronous BentoML API."""
         steps = self._steps(data, on_reject, request_id)
         try:
@@ -182,6 +189,9 @@ class GuardedModel:
             if request_id:
                 span.set_attribute("guarded_serving.request.id", request_id)
             with _child_span("guarded_serving.validate") as vspan:
+                if isinstance(data, pd.DataFrame) and len(data) <= SMALL_FRAME_ROWS:
+                    # pandas' per-column machinery costs more than the checks on a few rows.
+                    data = _frame_columns(data)
                 verdicts = check_batch(data, self.profile, self.policy)
                 n = verdicts.n_rows
                 vspan.set_attribute("guarded_serving.rows", n)
@@ -220,16 +230,15 @@ class GuardedModel:
                     reason_counts[code] = int(primary_idx.size)
             t_primary = time.perf_counter()
 
-            # Fallback on flagged rows and rows the primary could not answer (or all, in shadow).
+            # Fallback on flagged rows and rows the primary could not answer.
             need = np.flatnonzero(routes == FALLBACK_ROUTE)
-            fb_idx = np.flatnonzero(routes != REJECTED) if self.shadow_fallback else need
+            fb_idx = need
             fallback_pred = None
             if fb_idx.size:
                 with _child_span("guarded_serving.fallback") as fspan:
                     fspan.set_attribute("guarded_serving.model.name", self.fallback.name)
                     fspan.set_attribute("guarded_serving.model.version", str(self.fallback.version))
                     fspan.set_attribute("guarded_serving.rows", int(need.size))
-                    fspan.set_attribute("guarded_serving.rows.shadow", int(fb_idx.size - need.size))
                     try:
                         fallback_pred = _predict(self.fallback, verdicts, fb_idx)
                         _check_length(fallback_pred, fb_idx.size, "fallback")
@@ -237,23 +246,15 @@ class GuardedModel:
                         fspan.record_exception(e)
                         fspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
                         fspan.set_attribute("error.type", type(e).__name__)
-                        if need.size:
-                            span.set_status(Status(StatusCode.ERROR, "fallback_failed"))
-                            span.set_attribute("error.type", "fallback_failed")
-                            raise FallbackFailedError(
-                                f"the fallback model failed for {need.size} row(s) that needed it: "
-                                f"{type(e).__name__}: {e}"
-                            ) from e
-                        log.warning("shadow fallback failed: %s", e)
-                        fallback_pred = None
+                        span.set_status(Status(StatusCode.ERROR, "fallback_failed"))
+                        span.set_attribute("error.type", "fallback_failed")
+                        raise FallbackFailedError(
+                            f"the fallback model failed for {need.size} row(s) that needed it: "
+                            f"{type(e).__name__}: {e}"
+                        ) from e
             t_fallback = time.perf_counter()
 
-            shadow_idx = np.flatnonzero((routes == FALLBACK_ROUTE) & (status != OK))
-            shadow_pred = self._shadow_primary(verdicts, shadow_idx) if self.shadow_primary and shadow_idx.size else None
-
             result = self._assemble(n, routes, reasons, primary_idx, primary_pred, fb_idx, fallback_pred)
-            if shadow_pred is not None and result.primary_predictions is not None:
-                result.primary_predictions[shadow_idx] = shadow_pred.labels
             result.timing_ms = {
                 "validate": (t_validate - t0) * 1e3,
                 "primary": (t_primary - t_primary_start) * 1e3,
@@ -278,34 +279,58 @@ class GuardedModel:
             return result
 
     def _run_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
-        """(prediction or None, error text, budget missed)."""
+        """(prediction or None, error text, deadline missed)."""
         with self._primary_span(idx) as pspan:
-            try:
-                if self._executor is None:
+            if self.latency_budget_ms is None:
+                try:
                     return self._checked(_predict(self.primary, verdicts, idx), idx)
-                pred = self._predict_within_budget(verdicts, idx)
-                return self._missed(pspan) if pred is None else self._checked(pred, idx)
+                except Exception as e:
+                    return self._failed(pspan, e, idx)
+            if not self.breaker.allow():
+                return self._skipped(pspan)
+            deadline = self.latency_budget_ms / 1e3
+            t0 = time.perf_counter()
+            try:
+                if self._inline_streak >= INLINE_STREAK:
+                    pred = _predict(self.primary, verdicts, idx)
+                else:
+                    pred = self.executor.submit(_predict, self.primary, verdicts, idx).result(deadline)
+                out = self._checked(pred, idx)
+            except FutureTimeout:
+                self._after_call(False, "slow", deadline)
+                return self._missed(pspan)
+            except ExecutorBusyError:  # saturated, not slow: the breaker is not told
+                return self._missed(pspan)
             except Exception as e:
+                self._after_call(False, "error", deadline)
                 return self._failed(pspan, e, idx)
+            self._after_call(True, "", deadline, time.perf_counter() - t0)
+            return out
 
     async def _arun_primary(self, verdicts: Verdicts, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
         with self._primary_span(idx) as pspan:
+            deadline = None if self.latency_budget_ms is None else self.latency_budget_ms / 1e3
+            if deadline is not None and not self.breaker.allow():
+                return self._skipped(pspan)
             try:
-                if self.latency_budget_ms is None:
-                    pred = await anyio.to_thread.run_sync(_predict, self.primary, verdicts, idx)
-                else:
-                    with self._lock:
-                        if self._inflight >= self.max_primary_inflight:
-                            return self._missed(pspan)
-                        self._inflight += 1
-                    with anyio.move_on_after(self.latency_budget_ms / 1e3):
-                        # Abandoned on timeout: the call finishes in its thread, nobody waits.
-                        return self._checked(await anyio.to_thread.run_sync(
-                            self._predict_and_release, verdicts, idx, abandon_on_cancel=True), idx)
-                    return self._missed(pspan)
-                return self._checked(pred, idx)
+                pred = await self.executor.run(_predict, self.primary, verdicts, idx, timeout=deadline)
+                out = self._checked(pred, idx)
+            except TimeoutError:
+                self.breaker.record(False, "slow")
+                return self._missed(pspan)
+            except ExecutorBusyError:  # saturated, not slow: the breaker is not told
+                return self._missed(pspan)
             except Exception as e:
+                self.breaker.record(False, "error")
                 return self._failed(pspan, e, idx)
+            self.breaker.record(True)
+            return out
+
+    def _after_call(self, ok: bool, cause: str, deadline: float, elapsed: float = 0.0) -> None:
+        if ok and elapsed > deadline:  # an inline call that ran late: served, but counted
+            ok, cause = False, "slow"
+        self.breaker.record(ok, cause)
+        self._inline_streak = self._inline_streak + 1 if ok and elapsed < deadline / 4 else 0
 
     @contextmanager
     def _primary_span(self, idx: np.ndarray) -> Iterator[Any]:
@@ -314,12 +339,6 @@ class GuardedModel:
             pspan.set_attribute("guarded_serving.model.version", str(self.primary.version))
             pspan.set_attribute("guarded_serving.rows", int(idx.size))
             yield pspan
-
-    def _predict_and_release(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
-        try:
-            return _predict(self.primary, verdicts, idx)
-        finally:
-            self._release(None)
 
     def _checked(self, pred: Prediction, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
         _check_length(pred, idx.size, "primary")
@@ -331,44 +350,21 @@ class GuardedModel:
         pspan.set_attribute("error.type", "latency_budget")
         return None, f"primary exceeded its {self.latency_budget_ms} ms budget", True
 
+    def _skipped(self, pspan: Any) -> tuple[Prediction | None, str | None, bool]:
+        """The breaker is open: the primary is not called, for the reason that opened it."""
+        pspan.set_attribute("guarded_serving.primary.breaker", self.breaker.state)
+        if self.breaker.cause == "slow":
+            return self._missed(pspan)
+        pspan.set_status(Status(StatusCode.ERROR, "primary_error"))
+        pspan.set_attribute("error.type", "primary_error")
+        return None, "the primary failed repeatedly; skipped while its circuit breaker is open", False
+
     def _failed(self, pspan: Any, e: Exception, idx: np.ndarray) -> tuple[Prediction | None, str | None, bool]:
         log.warning("primary model %s failed on %d row(s): %s", self.primary.name, idx.size, e)
         pspan.record_exception(e)
         pspan.set_status(Status(StatusCode.ERROR, type(e).__name__))
         pspan.set_attribute("error.type", type(e).__name__)
         return None, f"{type(e).__name__}: {e}", False
-
-    def _shadow_primary(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
-        """The primary's answers for flagged rows, for the record only; failures are expected
-        (the rows are out of range) and swallowed."""
-        with _child_span("guarded_serving.primary.shadow") as span:
-            span.set_attribute("guarded_serving.model.name", self.primary.name)
-            span.set_attribute("guarded_serving.rows", int(idx.size))
-            try:
-                pred = _predict(self.primary, verdicts, idx)
-                _check_length(pred, idx.size, "primary")
-                return pred
-            except Exception as e:
-                span.set_attribute("error.type", type(e).__name__)
-                log.debug("shadow primary call failed: %s", e)
-                return None
-
-    def _predict_within_budget(self, verdicts: Verdicts, idx: np.ndarray) -> Prediction | None:
-        assert self._executor is not None and self.latency_budget_ms is not None
-        with self._lock:
-            if self._inflight >= self.max_primary_inflight:
-                return None  # earlier late calls still running: do not pile up more
-            self._inflight += 1
-        fut = self._executor.submit(_predict, self.primary, verdicts, idx)
-        fut.add_done_callback(self._release)
-        try:
-            return fut.result(timeout=self.latency_budget_ms / 1e3)
-        except FutureTimeout:
-            return None
-
-    def _release(self, _: Any) -> None:
-        with self._lock:
-            self._inflight -= 1
 
     def _assemble(self, n: int, routes: np.ndarray, reasons: list[list[str]],
                   primary_idx: np.ndarray, primary_pred: Prediction | None,
@@ -416,8 +412,10 @@ class GuardedModel:
         return sorted(self.profile.target_profile.categories) if self.profile.target_profile else []
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: the executor's threads are daemons (kept for the API)."""
+
+
+_NO_SPAN = nullcontext(trace.INVALID_SPAN)
 
 
 def _child_span(name: str) -> AbstractContextManager[Any]:
@@ -427,6 +425,8 @@ def _child_span(name: str) -> AbstractContextManager[Any]:
     every span it does not sample (``RECORD_ONLY``, for trace ids in its logs), so an unsampled
     request would otherwise build, fill and end three or four spans that are never exported,
     which cost more than the guard's checks at one row per request."""
+    if isinstance(_tracer, trace.ProxyTracer) and isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return _NO_SPAN  # no SDK provider installed: the API's spans would be no-ops anyway
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid and not ctx.trace_flags.sampled:
         return nullcontext(trace.INVALID_SPAN)
@@ -441,6 +441,19 @@ def _predict(model: Model, verdicts: Verdicts, idx: np.ndarray) -> Prediction:
         return predict_on_columns(model, cols if whole else {k: v[idx] for k, v in cols.items()})
     frame = verdicts.features
     return model.predict(frame if whole else frame.iloc[idx])
+
+
+def _frame_columns(frame: pd.DataFrame) -> dict[str, list[Any]]:
+    """A small DataFrame as column lists, missing values as None (as they come in JSON)."""
+    cols = frame.to_dict("list")
+    for k, values in cols.items():
+        if any(_missing(v) for v in values):
+            cols[k] = [None if _missing(v) else v for v in values]
+    return {str(k): v for k, v in cols.items()}
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
 
 
 def predict_on_columns(model: Model, columns: dict[str, Any]) -> Prediction:

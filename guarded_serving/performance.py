@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .codec import jsonable
 from .scoring import score
 
 __all__ = ["live_performance", "metric_gauges"]
@@ -71,7 +72,7 @@ def live_performance(df: pd.DataFrame, task: str, baseline: dict[str, Any] | Non
             ts = part["ts"].astype(float) if "ts" in part else pd.Series([math.nan])
             out["windows"].append({"start": _num(ts.iloc[0]), "end": _num(ts.iloc[-1]),
                                    "rows": len(part), **_metrics(part, task)})
-    return _json_safe(out)
+    return jsonable(out)
 
 
 def metric_gauges(perf: dict[str, Any]) -> list[tuple[str, dict[str, str], float]]:
@@ -181,16 +182,3 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-

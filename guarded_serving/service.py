@@ -42,7 +42,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import anyio
 import bentoml
 from opentelemetry import trace
 from starlette.applications import Starlette
@@ -68,7 +67,7 @@ from .errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from .feedback import REQUEST_ID, OutcomeRule, parse_feedback
+from .feedback import REQUEST_ID, parse_feedback
 from .openapi import bentoml_schema, openapi_document
 from .payload import BodyLimits, parse_body
 from .runtime import ServingRuntime, new_request_id
@@ -107,9 +106,6 @@ PUBLIC_MESSAGE = {
 }
 #: Status counted for a client that went away before its request was read (nginx's convention).
 CLIENT_CLOSED = 499
-#: Batches up to this size are checked on the event loop (about 0.1-0.3 ms); only the primary
-#: model runs in a worker thread. Larger batches run wholly in a worker thread.
-INLINE_ROWS = 64
 #: Paths of the Starlette app below; every other path is BentoML's.
 OWN_PATHS = frozenset({"/predict", "/feedback", "/profile", "/drift", "/performance"})
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
@@ -129,7 +125,6 @@ def config_path() -> Path:
 CONFIG: ServingConfig = load_config(config_path())
 LIMITS = BodyLimits(max_string_length=CONFIG.limits.max_string_length, max_depth=CONFIG.limits.max_json_depth)
 _runtime: ServingRuntime | None = None
-_outcome_rule: OutcomeRule | None = None
 
 
 def runtime() -> ServingRuntime:
@@ -259,10 +254,7 @@ async def predict(request: Request) -> Response:
     try:
         rows, on_reject = _rows(await _read_json(request, rt.config.max_rows), rt.config.max_rows)
         trace.get_current_span().set_attribute("guarded_serving.request.id", rid)
-        if len(rows) <= INLINE_ROWS:
-            result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
-        else:  # big batches: checks take milliseconds, keep them off the event loop
-            result = await anyio.to_thread.run_sync(lambda: rt.predict(rows, request_id=rid, on_reject=on_reject))
+        result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
         body = {"request_id": rid, **result.to_dict()}
         if on_reject == "mark" and result.verdicts is not None and result.verdicts.problems:
             body["problems"] = [p.to_dict() for p in result.verdicts.problems]
@@ -286,9 +278,7 @@ async def predict(request: Request) -> Response:
 async def feedback(request: Request) -> Response:
     rt = runtime()
     parsed = parse_feedback(await _read_json(request), max_rows=rt.config.max_rows)
-    if _outcome_rule is not None:
-        _outcome_rule.check(parsed)
-    summary = await anyio.to_thread.run_sync(rt.feedback, parsed.as_tuples(), parsed.overwrite)
+    summary = await rt.afeedback(parsed.as_tuples(), parsed.overwrite)
     return _json({"received": len(parsed.items), **summary})
 
 
@@ -319,7 +309,7 @@ async def profile(request: Request) -> Response:
 
 @_endpoint
 async def drift(request: Request) -> Response:
-    return _json(await anyio.to_thread.run_sync(runtime().drift))
+    return Response(await runtime().adrift_json(), media_type="application/json")
 
 
 @_endpoint
@@ -329,7 +319,7 @@ async def performance(request: Request) -> Response:
     if window is not None and (window < 1 or window != int(window) or window > 10**9):
         raise PayloadError(f"query parameter window_rows must be a whole number from 1 to 10^9, got {window:g}")
     rows = int(window) if window is not None else None
-    return _json(await anyio.to_thread.run_sync(runtime().performance, since, rows))
+    return _json(await runtime().aperformance(since, rows))
 
 
 def _number_param(request: Request, name: str) -> float | None:
@@ -552,7 +542,7 @@ class GuardedService:
     fallback_model = _model_ref("fallback")
 
     def __init__(self) -> None:
-        global _runtime, _outcome_rule, _auth_failures
+        global _runtime, _auth_failures
         _watch_supervisor()
         provider = None
         try:
@@ -567,9 +557,6 @@ class GuardedService:
         except GuardedServingError as e:  # a model, profile or config that cannot load
             _stop_supervisor(e)
             raise
-        guard = _runtime.guard
-        classes = getattr(guard.primary, "classes", None) or getattr(guard.fallback, "classes", None)
-        _outcome_rule = OutcomeRule.from_profile(guard.profile, classes, CONFIG.feedback.outcome_range_margin)
         from prometheus_client import Counter
 
         _auth_failures = Counter("guarded_serving_auth_failures", "Requests refused by the token "

@@ -111,6 +111,10 @@ class ServiceMetrics:
                                    "Rows not logged: stage=log when the log writer's queue was full or "
                                    "the store failed; stage=monitoring when the monitoring queue was "
                                    "full, so drift counts missed them too.", ["model", "stage"])
+        self.log_rows = Counter("guarded_serving_prediction_log_rows",
+                                "Rows the recorder handled: outcome=logged (committed to the log) or "
+                                "outcome=sampled_out (left out by prediction_log.sample_rate).",
+                                ["model", "outcome"])
         gauge_kw: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
         self.drift_status = Gauge("guarded_serving_drift_status",
                                   "Drift status per feature: 0 ok, 1 warn, 2 drift, -1 no verdict.",
@@ -155,6 +159,13 @@ class ServiceMetrics:
         if child is None:
             child = self._children[key] = metric.labels(self.model, label)
         return child
+
+    def logged(self, logged: int, sampled_out: int) -> None:
+        """Rows the recorder stored in the prediction log, and rows it left out by sampling."""
+        if logged:
+            self._child(self.log_rows, "logged").inc(logged)
+        if sampled_out:
+            self._child(self.log_rows, "sampled_out").inc(sampled_out)
 
     def dropped(self, n: int, stage: str = "log") -> None:
         self._child(self.log_dropped, stage).inc(n)

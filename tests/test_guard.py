@@ -19,6 +19,7 @@ from guarded_serving.guard import GuardedModel
 from guarded_serving.profile import Profile, build_profile
 
 from ._data import CONFIG, EXAMPLE, features, holdout, serve
+from .conftest import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +42,6 @@ def test_shift_scenario_fallback_beats_primary_on_flagged_rows(guarded: GuardedM
     assert all(result.reasons[i] for i in np.flatnonzero(flagged))
     assert set(result.timing_ms) == {"validate", "primary", "fallback", "total"}
     assert result.timing_ms["total"] >= result.timing_ms["validate"]
-
-
-def test_shadow_fallback_predicts_every_row(guarded: GuardedModel) -> None:
-    result = guarded.predict(features(holdout()).iloc[:20])
-    assert guarded.shadow_fallback
-    assert not np.isnan(result.fallback_predictions).any()
-    assert not np.isnan(result.primary_predictions).any()
 
 
 def _with_primary(primary, budget=None) -> GuardedModel:
@@ -119,11 +113,9 @@ def test_spans_for_batch_and_stages(monkeypatch) -> None:
     gm.predict(X)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == {"guarded_serving.predict", "guarded_serving.validate",
-                          "guarded_serving.primary", "guarded_serving.fallback",
-                          "guarded_serving.primary.shadow"}
+                          "guarded_serving.primary", "guarded_serving.fallback"}
     root = spans["guarded_serving.predict"]
-    for name in ("guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback",
-                 "guarded_serving.primary.shadow"):
+    for name in ("guarded_serving.validate", "guarded_serving.primary", "guarded_serving.fallback"):
         assert spans[name].parent.span_id == root.context.span_id
     assert root.attributes["guarded_serving.rows"] == 4
     assert root.attributes["guarded_serving.rows.fallback"] == 1
@@ -205,20 +197,6 @@ def test_profile_on_disk_matches_example() -> None:
     assert Profile.load(EXAMPLE / "profile.json").task == "regression"
 
 
-def test_shadow_primary_records_but_never_serves_its_answers_on_flagged_rows() -> None:
-    gm = GuardedModel.from_config(load_config(CONFIG))
-    assert gm.shadow_primary and gm.shadow_fallback
-    X = features(serve())
-    X = X[X["carat"] > 2.0].head(5)
-    r = gm.predict(X)
-    assert r.routes.tolist() == ["fallback"] * 5
-    assert not np.isnan(r.primary_predictions).any()
-    np.testing.assert_array_equal(r.predictions, r.fallback_predictions)
-    assert not np.allclose(r.primary_predictions, r.fallback_predictions)
-    quiet = GuardedModel.from_config(load_config(CONFIG), shadow_primary=False).predict(X)
-    assert np.isnan(quiet.primary_predictions).all()
-
-
 def test_async_predict_agrees_with_predict(guarded: GuardedModel) -> None:
     X = features(serve()).sample(200, random_state=0)
     sync = guarded.predict(X, request_id="r1")
@@ -245,5 +223,63 @@ def test_async_predict_falls_back_on_a_raising_or_late_primary() -> None:
     r = anyio.run(lambda: gm.apredict(X))
     assert time.perf_counter() - t < 0.3, "the event loop waited for the late primary"
     assert r.budget_missed and all("latency_budget" in rs for rs in r.reasons)
-    time.sleep(0.5)
-    assert gm._inflight == 0  # the abandoned call released its slot when it finished
+    assert wait_until(lambda: gm.executor.idle == gm.executor.threads, 2.0), \
+        "the abandoned call released its thread when it finished"
+
+
+def test_a_few_slow_calls_cost_their_own_rows_not_hundreds_of_requests() -> None:
+    # One primary call in 50 takes 0.5 s against a 100 ms deadline; 8 requests run at once.
+    # An in-flight gate skipped the primary for every request behind a slow call; the per-call
+    # deadline and the breaker (opened only by consecutive failures) cost the slow calls' rows.
+    calls = {"n": 0}
+
+    def sometimes_slow(df):
+        calls["n"] += 1
+        if calls["n"] % 50 == 0:
+            time.sleep(0.5)
+        return np.ones(len(df))
+
+    gm = _with_primary(CallableModel(sometimes_slow, task="regression"), budget=100)
+    X = features(holdout()).iloc[:1]
+
+    async def run() -> list:
+        out: list = []
+
+        async def client() -> None:
+            for _ in range(50):
+                out.append(await gm.apredict(X))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(client)
+        return out
+
+    results = anyio.run(run)
+    missed = sum(r.budget_missed for r in results)
+    slow = calls["n"] // 50
+    assert len(results) == 400 and slow >= 5, (calls, missed, gm.breaker.opened)
+    # Each slow call costs its own request; the rest is this shared machine's scheduling noise
+    # against a 100 ms deadline (the in-flight gate skipped the primary for most requests).
+    assert missed <= 100, f"{missed} requests skipped the primary for {slow} slow calls"
+
+
+def test_a_primary_that_keeps_failing_opens_the_breaker_then_a_probe_closes_it() -> None:
+    state = {"fail": True, "calls": 0}
+
+    def flaky(df):
+        state["calls"] += 1
+        if state["fail"]:
+            raise RuntimeError("down")
+        return np.ones(len(df))
+
+    gm = _with_primary(CallableModel(flaky, task="regression"), budget=1000)
+    gm.breaker.open_seconds = 0.2
+    X = features(holdout()).iloc[:2]
+    for _ in range(10):
+        r = gm.predict(X)
+        assert r.routes.tolist() == ["fallback"] * 2
+    assert state["calls"] == 5 and gm.breaker.state == "open", "skipped once open"
+    assert all("primary_error" in rs for rs in r.reasons)
+    state["fail"] = False
+    assert wait_until(lambda: gm.predict(X).routes.tolist() == ["primary"] * 2, 2.0)
+    assert gm.breaker.state == "closed"

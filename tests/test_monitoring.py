@@ -23,6 +23,7 @@ from guarded_serving.config import load_config
 from guarded_serving.drift.state import DriftState
 from guarded_serving.drift.stats import DriftThresholds, evaluate
 from guarded_serving.guard import GuardedModel
+from guarded_serving.recorder import fill_shadows
 from guarded_serving.store.sql import Store
 
 from . import _data
@@ -64,6 +65,7 @@ def _local_evaluation(df: pd.DataFrame) -> dict[str, Any]:
     state = DriftState.empty(gm.profile)
     r = gm.predict(df)
     assert r.verdicts is not None
+    fill_shadows(gm, r)  # as the service's recorder does
     state.update(r.verdicts.columns, r.primary_predictions)
     return evaluate(state, gm.profile, DriftThresholds(min_rows=config.drift.min_rows))
 
@@ -344,7 +346,7 @@ def test_acknowledged_outcomes_survive_sigkill(tmp_path: Path) -> None:
 
 
 def test_a_slow_store_never_slows_predict_and_drops_are_counted(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, prediction_log={"queue_size": 20, "batch_size": 10}, **FAST)
+    cfg = write_config(tmp_path, prediction_log={"queue_size": 20, "batch_size": 10}, max_rows=20, **FAST)
     row = _data.json_rows(_data.features(_data.holdout()).head(1))
     with Server(cfg) as srv, httpx.Client(base_url=srv.url, timeout=30.0) as c:
         def latencies(n: int) -> list[float]:

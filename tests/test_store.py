@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from guarded_serving.errors import ConflictError, NotFoundError, StoreError
-from guarded_serving.store import LogWriter, Store
+from guarded_serving.store import Store
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -149,7 +148,9 @@ def test_joined_decodes_json_and_joins_outcomes(store: Store) -> None:
 
 
 def test_purge_removes_old_predictions_and_their_outcomes(store: Store) -> None:
-    store.log_predictions(_rows("old", 2, ts=10.0) + _rows("new", 2, ts=1000.0))
+    # Retention works a stored batch at a time (a recorder flush: about a second of traffic).
+    store.log_predictions(_rows("old", 2, ts=10.0))
+    store.log_predictions(_rows("new", 2, ts=1000.0))
     store.add_outcomes([("old", 0, 1.0), ("new", 0, 2.0)])
     assert store.purge_predictions(500.0) == 2
     assert store.joined()["request_id"].tolist() == ["new", "new"]
@@ -300,88 +301,6 @@ def test_two_processes_write_concurrently(kind: str, tmp_path: Path) -> None:
                 p.kill()
         _drop(s)
         _drop(Store(url, prefix=fresh))
-
-
-# -- LogWriter -----------------------------------------------------------------------------------
-
-
-def test_logwriter_writes_and_flushes(tmp_path: Path) -> None:
-    s = Store(f"sqlite:///{tmp_path / 'log.sqlite3'}")
-    made: list[str] = []
-
-    def factory() -> Store:
-        made.append(threading.current_thread().name)
-        return s
-
-    w = LogWriter(factory, batch_size=50, flush_interval=0.05)
-    assert made == [], "the store is opened lazily"
-    for i in range(20):
-        assert w.submit(_rows(f"r{i}", 10))
-    assert w.flush(timeout=10)
-    assert w.written == 200 and w.dropped == 0 and w.pending == 0
-    assert len(s.joined()) == 200
-    assert made == ["guarded-serving-log"], "opened in the writer thread"
-    # Rows left in the buffer are written within flush_interval even without a flush.
-    w.submit(_rows("late", 1))
-    deadline = time.monotonic() + 5
-    while s.request_row_count("late") == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert s.request_row_count("late") == 1
-    assert w.close()
-    assert not w.submit(_rows("after-close", 1)) and w.dropped == 1
-    s.close()
-
-
-class _SlowStore:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def log_predictions(self, rows: list[dict[str, Any]]) -> None:
-        self.calls += 1
-        time.sleep(1.0)
-
-
-def test_logwriter_never_blocks_on_a_slow_store_and_counts_overflow() -> None:
-    slow, dropped = _SlowStore(), []
-    w = LogWriter(slow, queue_size=100, batch_size=500, on_drop=dropped.append)  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    accepted = sum(w.submit([{"request_id": f"r{i}", "row": 0, "ts": 1.0}]) for i in range(1000))
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"1000 submits took {elapsed:.3f} s"
-    assert accepted == 100
-    assert w.dropped == 900 and sum(dropped) == 900
-    assert w.pending == 100
-    assert not w.flush(timeout=0.05), "a flush times out rather than waiting for the slow store"
-    w.close(timeout=0.05)
-
-
-class _DeadStore:
-    def log_predictions(self, rows: list[dict[str, Any]]) -> None:
-        raise StoreError("store down")
-
-
-def test_logwriter_drops_rows_a_dead_store_cannot_take() -> None:
-    errors: list[Exception] = []
-    w = LogWriter(_DeadStore(), retries=2, backoff=0.01, on_error=errors.append)  # type: ignore[arg-type]
-    assert w.submit(_rows("r1", 5))
-    assert w.flush(timeout=5)
-    assert w.dropped == 5 and w.written == 0 and w.pending == 0
-    assert len(errors) == 3 and all(isinstance(e, StoreError) for e in errors)
-    assert w.submit(None) is False  # type: ignore[arg-type]  # garbage in: still no exception
-    w.close()
-
-
-def test_logwriter_survives_a_factory_that_raises() -> None:
-    def factory() -> Store:
-        raise StoreError("cannot connect")
-
-    errors: list[Exception] = []
-    w = LogWriter(factory, retries=1, backoff=0.01, on_error=errors.append,
-                  on_drop=lambda n: 1 / 0)  # a broken callback must not break the writer
-    assert w.submit(_rows("r1", 2))
-    assert w.flush(timeout=5)
-    assert w.dropped == 2 and len(errors) == 2
-    w.close()
 
 
 def test_a_chain_of_events_is_extended_once(store: Store) -> None:

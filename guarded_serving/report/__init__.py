@@ -7,14 +7,12 @@ functions, so the page and the endpoints agree.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 from ..config import ServingConfig
-from ..drift.stats import DriftThresholds
-from ..drift.windows import Segment, assemble_windows, drift_view
+from ..monitor import evaluate, segments
 from ..performance import live_performance
 from ..profile import Profile
 from .html import render_report
@@ -27,15 +25,10 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
     from ..store.sql import Store  # adapter: only the report's data loading touches the database
 
     profile = Profile.load(config.profile)
-    store = Store(config.store.url, prefix=config.store.table_prefix)
+    store = Store(config.store.url, prefix=config.store.table_prefix, timeout_s=config.store.timeout_seconds)
     try:
-        segments = [Segment.from_row(row) for row in store.segments()]
         d = config.drift
-        thresholds = DriftThresholds(min_rows=d.min_rows)
-        now = time.time()
-        windows = assemble_windows(segments, profile, d.window_rows, d.window_seconds, now=now)
-        view = drift_view(segments, profile, d.window_rows, d.window_seconds,
-                          d.consecutive_windows_for_retrain, thresholds, now=now, windows=windows)
+        view, windows = evaluate(segments(store), profile, d, config.policy)
         # Only the stretch of the log the listed windows cover, and without the features.
         starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
         log = store.joined(since=min(starts) if starts else None, features=False)

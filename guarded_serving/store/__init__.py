@@ -1,6 +1,6 @@
 """SQLite and PostgreSQL persistence: drift segments, the prediction log, outcomes and events."""
 
-from .logwriter import LogWriter
+from .logbatch import LogBatch
 from .sql import JSON_COLUMNS, PREDICTION_COLUMNS, Store
 
-__all__ = ["JSON_COLUMNS", "PREDICTION_COLUMNS", "LogWriter", "Store"]
+__all__ = ["JSON_COLUMNS", "PREDICTION_COLUMNS", "LogBatch", "Store"]

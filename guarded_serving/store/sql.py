@@ -11,6 +11,13 @@ being killed, but a power loss or OS crash may lose the last few transactions. A
 cost of an fsync per commit. An in-memory SQLite URL (``sqlite://``) keeps one connection for
 the whole store: meant for tests, not for concurrent use.
 
+The prediction log is stored a batch at a time (``logbatch.LogBatch``: one compressed Arrow
+record batch per flush in ``{prefix}log_batches``) with a small index, ``{prefix}log_index``,
+that maps each request id to its rows of a batch: one index row per request, not per row.
+
+Every connection gets a connect timeout and a statement timeout (``timeout_s``): a database
+that accepts connections and never answers is a StoreError after a few seconds, not a hang.
+
 >>> store = Store("sqlite:///guarded-serving.sqlite3")  # doctest: +SKIP
 >>> store.log_predictions([{"request_id": "r1", "row": 0, "ts": 1.0, "prediction": 2.5}])  # doctest: +SKIP
 >>> store.add_outcomes([("r1", 0, 2.4)])  # doctest: +SKIP
@@ -21,14 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import threading
 import time
 import weakref
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +45,18 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from ..codec import dumps, jsonable, loads
 from ..errors import ConflictError, NotFoundError, Problem, StoreError
+from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode
+from .logbatch import JSON_COLUMNS as JSON_COLUMNS  # re-exported
 
 log = logging.getLogger(__name__)
 
-#: Columns of the prediction log holding JSON (given and returned as Python objects).
-JSON_COLUMNS = ("prediction", "primary_prediction", "fallback_prediction", "probabilities", "features")
-PREDICTION_COLUMNS = (
-    "request_id", "row", "ts", "model", "primary_model", "primary_version", "fallback_model",
-    "fallback_version", "route", "reasons", "prediction", "primary_prediction", "fallback_prediction",
-    "probabilities", "latency_ms", "features",
-)
-_BUSY_TIMEOUT_MS = 10_000
+#: Columns of the prediction log as ``joined`` returns them.
+PREDICTION_COLUMNS = ("request_id", "row", *LOG_COLUMNS, "features")
+#: Default connect and statement timeout (s): a silent database fails fast.
+DEFAULT_TIMEOUT_S = 3.0
+_SQLITE_BUSY_MS = 10_000
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's limits on bound parameters.
 _CHUNK = 500
@@ -70,7 +75,8 @@ class Store:
     {'counts': [1, 2]}
     """
 
-    def __init__(self, url: str, prefix: str = "gs_", *, synchronous: str | None = None) -> None:
+    def __init__(self, url: str, prefix: str = "gs_", *, synchronous: str | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         try:
             parsed = make_url(url)
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad URL
@@ -79,9 +85,18 @@ class Store:
         self._password = parsed.password
         self.prefix = prefix
         self.dialect = parsed.get_backend_name()
-        self._log_sql_cache: dict[int, str] = {}
+        self.timeout_s = float(timeout_s)
         # A ping per checkout finds connections a database server dropped; a file has none to drop.
-        kw: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite"}
+        kw: dict[str, Any] = {"pool_pre_ping": parsed.get_backend_name() != "sqlite",
+                              "pool_timeout": self.timeout_s}
+        if self.dialect == "postgresql":
+            ms = max(1, int(self.timeout_s * 1000))
+            # connect_timeout bounds the connection attempt; statement_timeout a query the server
+            # runs; tcp_user_timeout a server that stops acknowledging what we send.
+            kw["connect_args"] = {"connect_timeout": max(1, round(self.timeout_s)),
+                                  "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+                                  "tcp_user_timeout": ms, "keepalives": 1, "keepalives_idle": 5,
+                                  "keepalives_interval": 2, "keepalives_count": 2}
         sync = synchronous or parsed.query.get("synchronous") or "normal"
         if isinstance(sync, tuple):
             sync = sync[-1]
@@ -103,7 +118,8 @@ class Store:
         except Exception as e:  # noqa: BLE001 - unknown driver, bad arguments
             raise StoreError(f"cannot open store {self._url_display}: {self._clean(e)}") from e
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine, sync.upper())
+            # Writers of one file queue on its lock for a moment: wait longer than for a server.
+            _configure_sqlite(self.engine, sync.upper(), max(_SQLITE_BUSY_MS, int(self.timeout_s * 1000)))
         # A worker forked after the store was made must not reuse the parent's connections.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_in_child(ref))
@@ -128,25 +144,26 @@ class Store:
             # Never reuse an id: a compaction must not delete a newer segment by an old id.
             sqlite_autoincrement=True,
         )
-        self.t_predictions = sa.Table(
-            f"{p}predictions", md,
+        self.t_log_batches = sa.Table(
+            f"{p}log_batches", md,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("first_ts", double, nullable=False),
+            sa.Column("last_ts", double, nullable=False),
+            sa.Column("rows", sa.Integer, nullable=False),
+            sa.Column("body", sa.LargeBinary, nullable=False),
+            sa.Index(f"{p}log_batches_last_ts", "last_ts"),
+            sqlite_autoincrement=True,
+        )
+        # One row per run of a request's rows in a batch (one per request for the service).
+        self.t_log_index = sa.Table(
+            f"{p}log_index", md,
             sa.Column("request_id", text, primary_key=True),
-            sa.Column("row", sa.Integer, primary_key=True, autoincrement=False),
-            sa.Column("ts", double, nullable=False),
-            sa.Column("model", text),
-            sa.Column("primary_model", text),
-            sa.Column("primary_version", text),
-            sa.Column("fallback_model", text),
-            sa.Column("fallback_version", text),
-            sa.Column("route", text),
-            sa.Column("reasons", text),
-            sa.Column("prediction", text),
-            sa.Column("primary_prediction", text),
-            sa.Column("fallback_prediction", text),
-            sa.Column("probabilities", text),
-            sa.Column("latency_ms", double),
-            sa.Column("features", text),
-            sa.Index(f"{p}predictions_ts", "ts"),
+            sa.Column("first_row", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("n_rows", sa.Integer, nullable=False),
+            sa.Column("batch_id", sa.Integer, nullable=False),
+            # No index on batch_id: bodies carry their own request ids, so reads never need
+            # one, and only the hourly purge scans this table by batch.
+            sqlite_with_rowid=False,
         )
         self.t_outcomes = sa.Table(
             f"{p}outcomes", md,
@@ -280,66 +297,93 @@ class Store:
 
     # -- prediction log --------------------------------------------------------------------------
 
-    def log_predictions(self, rows: list[dict[str, Any]]) -> None:
-        """Insert prediction rows in one transaction; rows whose (request_id, row) is already
-        logged are ignored. JSON columns are given as Python objects; ``reasons`` as a list or
-        a ';'-joined string. A row may also be a tuple in ``PREDICTION_COLUMNS`` order with the
-        JSON columns already encoded as JSON text."""
+    def log_predictions(self, rows: list[dict[str, Any]]) -> int:
+        """Log prediction rows given as mappings (``PREDICTION_COLUMNS``; JSON columns as Python
+        objects, ``reasons`` as a list or a ';'-joined string); see ``append_log``."""
         if not rows:
-            return
-        # Tuples come ready (PREDICTION_COLUMNS order, JSON columns as JSON text): the service's
-        # own fast path. Mappings are checked and encoded here.
-        params = [r if isinstance(r, tuple) else tuple(_prediction_params(r).values()) for r in rows]
-        step = self._log_rows_per_statement
-        with self._write(f"logging {len(params)} prediction row(s)") as conn:
-            # Many rows per INSERT, straight to the driver. Not executemany: sqlite3 releases and
-            # retakes the GIL around every row's step, and while the serving threads keep the
-            # GIL busy each retake waits for a switch interval (a 2 s test: 251 rows/s against a
-            # busy thread, 26,000 with a statement per 500 rows).
-            for i in range(0, len(params), step):
-                chunk = params[i:i + step]
-                conn.exec_driver_sql(self._log_sql(len(chunk)), tuple(v for row in chunk for v in row))
+            return 0
+        for r in rows:
+            if r.get("request_id") is None or r.get("row") is None or r.get("ts") is None:
+                raise StoreError(f"a prediction row needs request_id, row and ts; got keys {sorted(r)}")
+        return self.append_log(LogBatch.from_rows(rows))
 
-    @cached_property
-    def _log_rows_per_statement(self) -> int:
-        if self.dialect == "sqlite":
-            import sqlite3
+    def append_log(self, batch: LogBatch) -> int:
+        """Store a batch of log rows in one transaction: one body and its index rows. Rows whose
+        (request_id, row) is already logged, or repeated in the batch, are left out. Returns how
+        many rows were stored."""
+        if not len(batch):
+            return 0
+        t, ix = self.t_log_batches, self.t_log_index
+        with self._write(f"logging {len(batch)} prediction row(s)") as conn:
+            keep = self._new_rows(conn, batch)
+            if not keep.all():
+                batch = batch.take(keep)
+            if not len(batch):
+                return 0
+            ts = batch.columns["ts"]
+            res = conn.execute(t.insert().values(
+                first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
+                body=encode(batch)))
+            batch_id = _new_id(res)
+            conn.execute(ix.insert(), [
+                {"request_id": rid, "first_row": first, "n_rows": n, "batch_id": batch_id}
+                for rid, first, n in _runs(batch.request_id, batch.row)])
+            return len(batch)
 
-            # Bound parameters per statement: 32766 since SQLite 3.32, 999 before.
-            limit = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
-        else:
-            limit = 65535  # PostgreSQL's wire protocol
-        return max(1, min(500, limit // len(PREDICTION_COLUMNS)))
+    def _new_rows(self, conn: Connection, batch: LogBatch) -> np.ndarray:
+        """Mask of the batch's rows not logged yet (and first of their key within the batch)."""
+        logged = self._coverage(conn, sorted(set(batch.request_id.tolist())))
+        keys = list(zip(batch.request_id.tolist(), batch.row.tolist(), strict=True))
+        seen: set[tuple[str, int]] = set()
+        keep = np.ones(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            runs = logged.get(key[0])
+            if key in seen or (runs and any(a <= key[1] < a + n for a, n in runs)):
+                keep[i] = False
+            seen.add(key)
+        return keep
 
-    def _log_sql(self, n_rows: int) -> str:
-        sql = self._log_sql_cache.get(n_rows)
-        if sql is None:
-            mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-            cols = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
-            row = "(" + ", ".join([mark] * len(PREDICTION_COLUMNS)) + ")"
-            sql = (f'INSERT INTO "{self.t_predictions.name}" ({cols}) VALUES {", ".join([row] * n_rows)} '
-                   "ON CONFLICT (request_id, \"row\") DO NOTHING")
-            if len(self._log_sql_cache) < 64:
-                self._log_sql_cache[n_rows] = sql
-        return sql
+    def _coverage(self, conn: Connection, request_ids: list[str]) -> dict[str, list[tuple[int, int]]]:
+        """request id -> its logged runs (first_row, n_rows)."""
+        ix = self.t_log_index
+        out: dict[str, list[tuple[int, int]]] = {}
+        for chunk in _chunks(request_ids):
+            q = sa.select(ix.c.request_id, ix.c.first_row, ix.c.n_rows).where(ix.c.request_id.in_(chunk))
+            for rid, first, n in conn.execute(q):
+                out.setdefault(rid, []).append((int(first), int(n)))
+        return out
 
     def request_row_count(self, request_id: str) -> int:
         """How many rows of ``request_id`` are logged (0 if unknown)."""
-        t = self.t_predictions
-        q = sa.select(sa.func.count()).select_from(t).where(t.c.request_id == str(request_id))
+        ix = self.t_log_index
+        q = sa.select(sa.func.coalesce(sa.func.sum(ix.c.n_rows), 0)).where(ix.c.request_id == str(request_id))
         with self._read("counting the rows of a request") as conn:
             return int(conn.execute(q).scalar_one())
 
+    def log_size(self) -> dict[str, int]:
+        """Rows logged, and bytes of their bodies and index entries (request ids and numbers)."""
+        t, ix = self.t_log_batches, self.t_log_index
+        with self._read("measuring the prediction log") as conn:
+            rows, body = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0),
+                                                sa.func.coalesce(sa.func.sum(sa.func.length(t.c.body)), 0))).one()
+            runs, ids = conn.execute(sa.select(sa.func.count(),
+                                               sa.func.coalesce(sa.func.sum(sa.func.length(ix.c.request_id)), 0))).one()
+        return {"rows": int(rows), "body_bytes": int(body), "index_entries": int(runs),
+                "index_key_bytes": int(ids)}
+
     def purge_predictions(self, older_than_ts: float) -> int:
-        """Delete predictions with ts < ``older_than_ts`` and their outcomes; returns how many
-        predictions went."""
-        p, o = self.t_predictions, self.t_outcomes
+        """Delete log batches whose rows are all older than ``older_than_ts``, their index rows and
+        the outcomes of their requests; returns how many logged rows went."""
+        t, ix, o = self.t_log_batches, self.t_log_index, self.t_outcomes
         cut = float(older_than_ts)
-        old = sa.select(p.c.request_id).where(
-            p.c.request_id == o.c.request_id, p.c.row == o.c.row, p.c.ts < cut)
+        old = sa.select(t.c.id).where(t.c.last_ts < cut)
         with self._write("purging old predictions") as conn:
-            conn.execute(o.delete().where(sa.exists(old)))
-            return int(conn.execute(p.delete().where(p.c.ts < cut)).rowcount)
+            n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0)).where(t.c.last_ts < cut)).scalar_one()
+            gone = sa.select(ix.c.request_id).where(ix.c.batch_id.in_(old))
+            conn.execute(o.delete().where(o.c.request_id.in_(gone)))
+            conn.execute(ix.delete().where(ix.c.batch_id.in_(old)))
+            conn.execute(t.delete().where(t.c.last_ts < cut))
+            return int(n)
 
     # -- outcomes --------------------------------------------------------------------------------
 
@@ -353,7 +397,7 @@ class Store:
         wanted: dict[tuple[str, int], Any] = {}
         problems: list[Problem] = []
         for rid, row, outcome in items:
-            key, value = (str(rid), int(row)), _plain(outcome)
+            key, value = (str(rid), int(row)), jsonable(outcome)
             if key in wanted and wanted[key] != value and not overwrite:
                 problems.append(Problem(
                     problem=f"request {key[0]}: row {key[1]} is given two different outcomes",
@@ -363,20 +407,15 @@ class Store:
             raise ConflictError(f"{len(problems)} outcome(s) contradict each other", problems)
         if not wanted:
             return {"stored": 0, "unchanged": 0, "overwritten": 0}
-        p, o = self.t_predictions, self.t_outcomes
+        o = self.t_outcomes
         now = time.time()
         with self._write(f"storing {len(wanted)} outcome(s)") as conn:
-            rids = sorted({k[0] for k in wanted})
-            logged: set[tuple[str, int]] = set()
-            for chunk in _chunks(rids):
-                q = sa.select(p.c.request_id, p.c.row).where(p.c.request_id.in_(chunk))
-                logged.update((r, int(i)) for r, i in conn.execute(q))
-            rows_of = Counter(k[0] for k in logged)
+            runs = self._coverage(conn, sorted({k[0] for k in wanted}))
             for key in wanted:
-                if key in logged:
+                if any(a <= key[1] < a + n for a, n in runs.get(key[0], ())):
                     continue
-                if key[0] in rows_of:
-                    n = rows_of[key[0]]
+                if key[0] in runs:
+                    n = sum(n for _, n in runs[key[0]])
                     problems.append(Problem(
                         problem=f"unknown_row: request {key[0]} has {n} row(s); row {key[1]} was never logged",
                         row=key[1], expected=f"0 <= row < {n}", got=key[1]))
@@ -398,7 +437,7 @@ class Store:
             for chunk in _chunks(sorted({k[0] for k in rest})):
                 q = sa.select(o.c.request_id, o.c.row, o.c.outcome).where(o.c.request_id.in_(chunk))
                 for rec in conn.execute(q):
-                    existing[(rec[0], int(rec[1]))] = _loads(rec[2])
+                    existing[(rec[0], int(rec[1]))] = loads(rec[2])
             counts = {"stored": len(inserted), "unchanged": 0, "overwritten": 0}
             changed = []
             for key in rest:
@@ -436,32 +475,39 @@ class Store:
         return self._joined(since, True, limit, features=False)
 
     def _joined(self, since: float | None, inner: bool, limit: int | None, features: bool) -> pd.DataFrame:
-        p, o = self.t_predictions, self.t_outcomes
-        cols = [c for c in p.c if features or c.name != "features"]
-        on = sa.and_(p.c.request_id == o.c.request_id, p.c.row == o.c.row)
-        q = sa.select(*cols, o.c.outcome, o.c.ts.label("outcome_ts")).select_from(
-            p.join(o, on) if inner else p.outerjoin(o, on))
-        if since is not None:
-            q = q.where(p.c.ts >= float(since))
-        if limit is not None:
-            q = q.order_by(p.c.ts.desc(), p.c.request_id.desc(), p.c.row.desc()).limit(int(limit))
-        else:
-            q = q.order_by(p.c.ts, p.c.request_id, p.c.row)
+        t, ix, o = self.t_log_batches, self.t_log_index, self.t_outcomes
         with self._read("reading the prediction log") as conn:
-            res = conn.execute(q)
-            names = list(res.keys())
-            rows = list(res.all())
+            if inner:
+                outcomes = conn.execute(sa.select(o.c.request_id, o.c.row, o.c.outcome, o.c.ts)).all()
+                rids = sorted({r[0] for r in outcomes})
+                ids: set[int] = set()
+                for chunk in _chunks(rids):
+                    ids.update(int(i) for (i,) in conn.execute(
+                        sa.select(ix.c.batch_id).where(ix.c.request_id.in_(chunk)).distinct()))
+                q = sa.select(t.c.id, t.c.body).where(t.c.id.in_(sorted(ids))) if ids else None
+            else:
+                outcomes = None
+                q = sa.select(t.c.id, t.c.body)
+            if q is not None and since is not None:
+                q = q.where(t.c.last_ts >= float(since))
+            bodies = [] if q is None else conn.execute(q.order_by(t.c.id)).all()
+            if outcomes is None:
+                outcomes = conn.execute(sa.select(o.c.request_id, o.c.row, o.c.outcome, o.c.ts)).all()
+        frame = _log_frame(bodies, features)
+        if since is not None and len(frame):
+            frame = frame[frame["ts"].to_numpy() >= float(since)]
+        got = {(r[0], int(r[1])): (loads(r[2]), float(r[3])) for r in outcomes}
+        keys = zip(frame["request_id"].tolist(), frame["row"].tolist(), strict=True)
+        found = [got.get(k) for k in keys]
+        frame = frame.assign(outcome=pd.Series([None if f is None else f[0] for f in found], dtype=object,
+                                               index=frame.index),
+                             outcome_ts=np.array([np.nan if f is None else f[1] for f in found], dtype=float))
+        if inner:
+            frame = frame.loc[np.array([f is not None for f in found], dtype=bool)]
+        frame = frame.sort_values(["ts", "request_id", "row"], kind="stable").reset_index(drop=True)
         if limit is not None:
-            rows.reverse()
-        decode = {i for i, n in enumerate(names) if n in JSON_COLUMNS or n == "outcome"}
-        data: dict[str, pd.Series] = {}
-        for i, n in enumerate(names):
-            values = [_loads(r[i]) if i in decode else r[i] for r in rows]
-            # Text and JSON columns stay object so None stays None; numbers get numeric dtypes.
-            dtype = _NUMERIC_DTYPES.get(n, object)
-            data[n] = pd.Series([np.nan if v is None else v for v in values] if dtype is float else values,
-                                dtype=dtype)
-        return pd.DataFrame(data, columns=names)
+            frame = frame.tail(int(limit)).reset_index(drop=True)
+        return frame
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -490,7 +536,7 @@ class Store:
         q = sa.select(t).where(t.c.kind == kind).order_by(t.c.id.desc()).limit(1)
         with self._read("reading events") as conn:
             row = conn.execute(q).mappings().first()
-        return None if row is None else {**row, "body": _loads(row["body"])}
+        return None if row is None else {**row, "body": loads(row["body"])}
 
     def events(self, kind: str | None = None, since: float | None = None,
                limit: int = 100) -> list[dict[str, Any]]:
@@ -503,20 +549,66 @@ class Store:
             q = q.where(t.c.ts >= float(since))
         with self._read("reading events") as conn:
             rows = conn.execute(q).mappings().all()
-        return [{**r, "body": _loads(r["body"])} for r in rows]
+        return [{**r, "body": loads(r["body"])} for r in rows]
+
+
+class LazyStore:
+    """A ``Store`` opened on first use and shared by a process's threads: call it for the store.
+
+    Opening (which connects) holds no lock, so threads never queue behind a connection attempt;
+    after a failed attempt, calls fail at once with the same StoreError for ``retry_s`` seconds,
+    so a database that is down costs one timeout per few seconds, not one per call.
+
+    >>> store = LazyStore("sqlite:///gs.sqlite3")  # doctest: +SKIP
+    >>> store().segments()  # doctest: +SKIP
+    """
+
+    def __init__(self, url: str, prefix: str = "gs_", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retry_s: float = 2.0) -> None:
+        self.url, self.prefix, self.timeout_s, self.retry_s = url, prefix, timeout_s, retry_s
+        self._store: Store | None = None
+        self._error: StoreError | None = None
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
+        try:
+            self.url_display = make_url(url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - reported when opened
+            self.url_display = "(invalid store URL)"
+
+    def __call__(self) -> Store:
+        store = self._store
+        if store is not None:
+            return store
+        if self._error is not None and time.monotonic() < self._retry_at:
+            raise StoreError(self._error.message)
+        try:
+            store = Store(self.url, prefix=self.prefix, timeout_s=self.timeout_s)
+        except StoreError as e:
+            self._error, self._retry_at = e, time.monotonic() + self.retry_s
+            raise
+        with self._lock:
+            if self._store is None:
+                self._store, self._error = store, None
+                return store
+        store.close()
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _configure_sqlite(engine: sa.Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: sa.Engine, synchronous: str, busy_timeout_ms: int) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" hook issue BEGIN itself: the driver's implicit transactions
         # would start after a SELECT, too late to make read-then-write atomic.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
@@ -551,37 +643,6 @@ def _chunks(values: list[str]) -> Iterator[list[str]]:
         yield values[i : i + _CHUNK]
 
 
-def _plain(v: Any) -> Any:
-    """numpy scalars and arrays to Python values; NaN to None (JSON has no NaN)."""
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def dumps(v: Any) -> str:
-    """JSON text of ``v`` (numpy values converted, NaN as null)."""
-    try:  # plain Python values without NaN, the common case: no walk over the value
-        return json.dumps(v, separators=(",", ":"), allow_nan=False, default=_no_default)
-    except (ValueError, TypeError):
-        return json.dumps(_plain(v), separators=(",", ":"), default=str)
-
-
-def _no_default(v: Any) -> Any:
-    raise TypeError(type(v).__name__)
-
-
-def _loads(v: Any) -> Any:
-    return None if v is None else json.loads(v)
-
-
 def _json_equal(a: Any, b: Any) -> bool:
     return bool(json.loads(dumps(a)) == json.loads(dumps(b)))
 
@@ -590,28 +651,38 @@ def _text(v: Any) -> str:
     return json.dumps(v, default=str)
 
 
-def _prediction_params(r: dict[str, Any]) -> dict[str, Any]:
-    if r.get("request_id") is None or r.get("row") is None or r.get("ts") is None:
-        raise StoreError(f"a prediction row needs request_id, row and ts; got keys {sorted(r)}")
-    out: dict[str, Any] = {}
-    for c in PREDICTION_COLUMNS:
-        v = r.get(c)
-        if v is None:
-            out[c] = None
-            continue
-        if c in JSON_COLUMNS:
-            v = dumps(v)
-        elif c == "reasons" and v is not None and not isinstance(v, str):
-            v = ";".join(str(x) for x in _iter(v))
-        elif c in ("ts", "latency_ms") and v is not None:
-            v = float(v)
-        elif c == "row":
-            v = int(v)  # type: ignore[arg-type]
-        elif v is not None:
-            v = str(v)
-        out[c] = v
+def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]:
+    """(request_id, first_row, n_rows) for each run of consecutive rows of one request."""
+    n = len(row)
+    rid = request_id.tolist()
+    rows = row.tolist()
+    out = []
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or rid[i] != rid[start] or rows[i] != rows[i - 1] + 1:
+            out.append((rid[start], int(rows[start]), i - start))
+            start = i
     return out
 
 
-def _iter(v: Any) -> Iterable[Any]:
-    return v if isinstance(v, (list, tuple)) else list(v)
+def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
+    """The log rows of ``bodies`` as a DataFrame in ``PREDICTION_COLUMNS`` order."""
+    parts: list[dict[str, Any]] = []
+    for _batch_id, body in bodies:
+        cols = decode(bytes(body))
+        n = len(cols["ts"])
+        part: dict[str, Any] = {"request_id": cols["request_id"], "row": cols["row"].astype(np.int64)}
+        part.update({c: cols[c] for c in LOG_COLUMNS})
+        if features:
+            names = [c for c in cols if c.startswith(FEATURE_PREFIX)]
+            feats = pd.DataFrame({c[len(FEATURE_PREFIX):]: cols[c] for c in names}, index=range(n))
+            part["features"] = np.array([jsonable(d) for d in feats.to_dict("records")] if names
+                                        else [None] * n, dtype=object)
+        parts.append(part)
+    names = [c for c in PREDICTION_COLUMNS if features or c != "features"]
+    if not parts:
+        return pd.DataFrame({c: pd.Series([], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names})
+    data = {c: np.concatenate([p[c] for p in parts]) for c in names}
+    frame = pd.DataFrame({c: pd.Series(data[c], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names})
+    frame["reasons"] = frame["reasons"].map(lambda v: "" if v is None or v != v else v)
+    return frame

@@ -1,0 +1,70 @@
+"""The recorder in process: one hand-off to shadows, drift counts and log batches; failures are
+counted, durable waiters are told."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guarded_serving.config import load_config
+from guarded_serving.errors import StoreError
+from guarded_serving.guard import GuardedModel
+from guarded_serving.recorder import Recorder, fill_shadows
+from guarded_serving.store.sql import Store
+
+from ._data import features, serve
+from .server import write_config
+
+
+@pytest.fixture(scope="module")
+def guard() -> GuardedModel:
+    return GuardedModel.from_config(load_config(write_config(Path("/tmp"))))
+
+
+def _recorder(tmp_path: Path, guard: GuardedModel, store, **log: object) -> Recorder:
+    cfg = load_config(write_config(tmp_path, prediction_log=log))
+    dropped: list[tuple[int, str]] = []
+    rec = Recorder(guard, cfg, store, on_drop=lambda n, stage: dropped.append((n, stage)))
+    rec.dropped_calls = dropped  # type: ignore[attr-defined]
+    return rec
+
+
+def test_one_hand_off_feeds_shadows_drift_and_one_log_batch(tmp_path: Path, guard: GuardedModel) -> None:
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    rec = _recorder(tmp_path, guard, lambda: store)
+    X = features(serve()).head(40)
+    results = [guard.predict(X.iloc[i:i + 10].reset_index(drop=True)) for i in range(0, 40, 10)]
+    for i, r in enumerate(results):
+        rec.submit(f"r{i}", r)
+    assert rec.flush(10)
+    df = store.joined()
+    assert len(df) == 40 and store.log_size()["index_entries"] == 4
+    served = np.concatenate([r.predictions for r in results])
+    np.testing.assert_allclose(df.sort_values(["request_id", "row"])["prediction"].to_numpy(dtype=float), served)
+    assert df["fallback_prediction"].notna().all() and df["primary_prediction"].notna().all()
+    drift = rec.take_drift()
+    assert drift is not None and drift.rows == 40
+    # The same shadows outside a server.
+    r = guard.predict(X.head(10))
+    fill_shadows(guard, r)
+    assert not np.isnan(r.fallback_predictions).any() and not np.isnan(r.primary_predictions).any()
+    rec.close()
+
+
+def test_a_store_that_keeps_failing_drops_counted_rows_and_fails_durable_waiters(
+        tmp_path: Path, guard: GuardedModel) -> None:
+    def down() -> Store:
+        raise StoreError("down")
+
+    rec = _recorder(tmp_path, guard, down, durable=True)
+    r = guard.predict(features(serve()).head(3))
+    done = rec.submit("r1", r)
+    assert done is not None
+    with pytest.raises(StoreError, match="could not be written"):
+        done.result(10)
+    assert rec.counts.dropped["log"] == 3 and (3, "log") in rec.dropped_calls  # type: ignore[attr-defined]
+    drift = rec.take_drift()
+    assert drift is not None and drift.rows == 3, "drift counts do not depend on the store"
+    rec.close()
