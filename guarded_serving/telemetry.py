@@ -108,9 +108,9 @@ class ServiceMetrics:
         self.primary_errors = Counter("guarded_serving_primary_errors",
                                       "Primary calls that raised.", ["model"])
         self.log_dropped = Counter("guarded_serving_prediction_log_dropped_rows",
-                                   "Rows not logged: stage=log when the log writer's queue was full or "
-                                   "the store failed; stage=monitoring when the monitoring queue was "
-                                   "full, so drift counts missed them too.", ["model", "stage"])
+                                   "Rows not logged: stage=log when the store still failed after retries "
+                                   "or a batch was still queued at shutdown; stage=monitoring when the "
+                                   "recorder's queue was full, so drift counts missed them too.", ["model", "stage"])
         self.log_rows = Counter("guarded_serving_prediction_log_rows",
                                 "Rows the recorder handled: outcome=logged (committed to the log) or "
                                 "outcome=sampled_out (left out by prediction_log.sample_rate).",

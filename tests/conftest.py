@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass; its last verdict."""
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that; AssertionError
+    naming the predicate when ``timeout`` seconds pass first. The one deadline loop of the tests."""
     deadline = time.monotonic() + timeout
     while True:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() >= deadline:
-            return bool(predicate())
+            raise AssertionError(f"not true within {timeout} s: {predicate}")
         time.sleep(interval)

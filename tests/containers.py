@@ -17,23 +17,12 @@ from typing import Any
 
 import httpx
 
+from .conftest import wait_until
 from .server import ROOT
 
 DEPLOY = ROOT / "deploy"
 CONTAINERS_CONF = DEPLOY / "container" / "containers.conf"
 BASE_IMAGE = "localhost/guarded-serving-base:bookworm"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true after {timeout}s: {predicate}")
-        time.sleep(interval)
 
 
 def podman_env() -> dict[str, str]:
@@ -148,7 +137,7 @@ class Container:
 
         try:
             wait_until(ready_or_dead, timeout, interval=0.1)
-        except TimeoutError:
+        except AssertionError:
             raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{self.logs()}") from None
         return time.monotonic() - self.started_at
 

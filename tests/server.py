@@ -153,16 +153,3 @@ def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
     finally:
         for s in servers.values():
             s.stop()
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes
-    (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {predicate}")
-        time.sleep(interval)

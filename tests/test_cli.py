@@ -14,7 +14,8 @@ from guarded_serving.cli import main
 from guarded_serving.profile import Profile
 
 from ._data import CONFIG, EXAMPLE, features, holdout, json_rows
-from .server import free_port, kill_tree, wait_until, worker_processes, write_config
+from .conftest import wait_until
+from .server import free_port, kill_tree, worker_processes, write_config
 
 DATA = EXAMPLE / "data"
 

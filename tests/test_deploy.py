@@ -32,6 +32,7 @@ from guarded_serving.drift.stats import DriftThresholds, evaluate
 from guarded_serving.guard import GuardedModel
 from guarded_serving.store.sql import Store
 
+from .conftest import wait_until
 from .containers import (
     BASE_IMAGE,
     Container,
@@ -42,7 +43,6 @@ from .containers import (
     podman_unavailable,
     post,
     retire_image,
-    wait_until,
 )
 from .iris_model import FEATURES as IRIS_FEATURES
 from .iris_model import TARGET as IRIS_TARGET

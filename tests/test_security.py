@@ -21,7 +21,8 @@ from guarded_serving.config import load_config
 from guarded_serving.service import public_paths
 
 from . import _data
-from .server import Server, free_port, running, wait_until, write_config
+from .conftest import wait_until
+from .server import Server, free_port, running, write_config
 
 pytestmark = pytest.mark.e2e
 TOKEN = "s3cret-token"
