@@ -352,7 +352,8 @@ def read_export(config: Any, since: float | None = None,
     from .profile import Profile
     from .store.sql import Store
 
-    target = Profile.load(config.profile).target
+    profile = Profile.load(config.profile)
+    target = profile.target
     store = Store(config.store.url, prefix=config.store.table_prefix)
     try:
         with tqdm(total=1, desc="reading the prediction log", file=sys.stderr) as bar:
@@ -360,12 +361,13 @@ def read_export(config: Any, since: float | None = None,
             bar.update()
     finally:
         store.close()
-    return export_frame(df, target), target, store.url_display
+    return export_frame(df, target, profile), target, store.url_display
 
 
-def export_frame(df: pd.DataFrame, target: str) -> pd.DataFrame:
+def export_frame(df: pd.DataFrame, target: str, profile: Any = None) -> pd.DataFrame:
     """Flatten the prediction log for retraining: one column per feature, the outcome under the
-    profile's target name, and the serving metadata (EXPORT_COLUMNS) beside them."""
+    profile's target name, and the serving metadata (EXPORT_COLUMNS) beside them. Datetime
+    features (logged as epoch seconds) come back as datetimes in their training time zone."""
     feats = pd.DataFrame([f if isinstance(f, dict) else {} for f in df.get("features", [])], index=df.index)
     meta = [c for c in EXPORT_COLUMNS if c in df.columns]
     out = pd.concat([feats, df[meta]], axis=1)
@@ -374,6 +376,10 @@ def export_frame(df: pd.DataFrame, target: str) -> pd.DataFrame:
         out["ts"] = pd.to_datetime(out["ts"], unit="s", utc=True)
     if "outcome_ts" in out:
         out["outcome_ts"] = pd.to_datetime(out["outcome_ts"], unit="s", utc=True)
+    for f in profile.features if profile is not None else ():
+        if f.is_datetime and f.name in out and pd.api.types.is_numeric_dtype(out[f.name]):
+            ts = pd.to_datetime(out[f.name], unit="s", utc=True)
+            out[f.name] = ts.dt.tz_convert(f.timezone) if f.timezone else ts.dt.tz_localize(None)
     for c in ("prediction", "primary_prediction", "fallback_prediction", target):
         if c in out and out[c].map(lambda v: v is None or isinstance(v, (int, float))).all():
             out[c] = pd.to_numeric(out[c], errors="coerce")

@@ -198,3 +198,28 @@ def test_served_over_http_with_a_date_column(train, served, tmp_path) -> None:
         null_date = [dict(rows[0], date=None)]
         r = httpx.post(srv.url + "/predict", json={"rows": null_date}, timeout=30)
         assert r.status_code == 200 and r.json()["reasons"][0] == ["null_unseen:date"], r.text
+
+
+def test_export_gives_dates_back_as_dates(train, served, tmp_path) -> None:
+    """The log keeps a datetime feature as epoch seconds; the export (the next training set) turns
+    it back into the dates that were served."""
+    from guarded_serving.config import load_config
+    from guarded_serving.fallback import FallbackTrainer
+    from guarded_serving.runtime import ServingRuntime, new_request_id
+
+    cols = ["city", "date", "sales", "listings", TARGET]
+    build_profile(train[cols], TARGET).save(tmp_path / "profile.json")
+    FallbackTrainer(task="regression").fit(train[cols], TARGET).save_onnx(tmp_path / "model.onnx")
+    config = {"name": "housing", "task": "regression", "profile": str(tmp_path / "profile.json"),
+              "primary": {"path": str(tmp_path / "model.onnx")},
+              "fallback": {"path": str(tmp_path / "model.onnx")}, "time_index": "date",
+              "store": {"url": f"sqlite:///{tmp_path / 'store.sqlite3'}"}}
+    (tmp_path / "serving.yaml").write_text(yaml.safe_dump(config))
+    rows = served[cols[:-1]].head(20)
+    rt = ServingRuntime(load_config(tmp_path / "serving.yaml"))
+    rt.predict(rows, request_id=new_request_id())
+    rt.close()
+    assert main(["export", str(tmp_path / "serving.yaml"), "--out", str(tmp_path / "prod.parquet")]) == 0
+    out = pd.read_parquet(tmp_path / "prod.parquet").sort_values("row")
+    assert pd.api.types.is_datetime64_any_dtype(out["date"])
+    assert out["date"].tolist() == rows["date"].tolist()
