@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from guarded_serving.config import load_config
 from guarded_serving.estimates import ESTIMATE_KEY, ESTIMATE_STATUS_EVENT, below_baseline
+from guarded_serving.report import build_report
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from . import _data
@@ -93,6 +95,16 @@ def test_runtime_estimates_each_drift_window_and_keeps_them_through_compaction(
         # One alert event for the change, however often the view is evaluated.
         events = rt.store().events(ESTIMATE_STATUS_EVENT)
         assert [e["body"]["below_baseline"] != [] for e in events].count(True) == 1
+        # The report draws the same estimates per window (no outcomes yet: no realized figure).
+        html = build_report(rt.config)
+        assert "Estimated against realized" in html
+        cells = re.findall(
+            r'<tr data-window="(\d)" data-model="guarded">.*?class=estimated>([^<]+)<.*?'
+            r"class=realized>([^<]+)<",
+            html,
+        )
+        assert [(i, r) for i, _, r in cells] == [("0", "–"), ("1", "–")]
+        assert float(cells[1][1]) > 2 * float(cells[0][1])
     finally:
         rt.close()
 
