@@ -188,3 +188,59 @@ def test_served_estimate_rises_on_shifted_window_and_outcomes_show_realized_besi
             assert windows[1]["realized"][role]["mae"] > 2 * windows[0]["realized"][role]["mae"]
         assert windows[1]["flagged"]["n"] > WINDOW // 2
         assert body["estimated"]["current"]["realized"]["rows_with_outcomes"] == WINDOW
+
+
+def test_a_classifier_is_estimated_live_from_the_served_probabilities(tmp_path: Path) -> None:
+    from sklearn.datasets import make_classification
+
+    from guarded_serving.cli import main
+    from guarded_serving.fallback import FallbackTrainer
+
+    x, y = make_classification(n_samples=3000, n_features=5, n_informative=3, random_state=4)
+    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(5)]).assign(label=y)
+    df.iloc[:1500].to_parquet(tmp_path / "train.parquet")
+    df.iloc[1500:2500].to_parquet(tmp_path / "holdout.parquet")
+    for name, c in (("primary", 10.0), ("fallback", 0.01)):
+        FallbackTrainer(task="classification", C=c, name=name).fit(
+            df.iloc[:1500], "label"
+        ).save_onnx(tmp_path / f"{name}.onnx")
+    args = [
+        "profile",
+        str(tmp_path / "train.parquet"),
+        "--target",
+        "label",
+        "--task",
+        "classification",
+        "--out",
+        str(tmp_path / "profile.json"),
+        "--primary",
+        str(tmp_path / "primary.onnx"),
+        "--fallback",
+        str(tmp_path / "fallback.onnx"),
+        "--holdout",
+        str(tmp_path / "holdout.parquet"),
+    ]
+    assert main(args) == 0
+    (tmp_path / "serving.yaml").write_text(
+        "name: synthetic\ntask: classification\nprimary: primary.onnx\nfallback: fallback.onnx\n"
+        f"profile: profile.json\nstore: {{url: 'sqlite:///{tmp_path / 's.sqlite3'}'}}\n"
+        "drift: {window_rows: 500, min_rows: 100}\n"
+    )
+    rt = ServingRuntime(load_config(tmp_path / "serving.yaml"))
+    try:
+        rows = df.iloc[2500:].drop(columns="label").to_dict(orient="records")
+        routes = []
+        for i in range(0, len(rows), 50):
+            routes += rt.predict(rows[i : i + 50], request_id=new_request_id()).routes.tolist()
+        rt.recorder.flush(10)
+        rt.flush_drift()
+        rt.monitor.view()
+        cur = rt.estimates.view["current"]  # type: ignore[union-attr]
+        assert cur["n"] == 500
+        assert (
+            set(cur["guarded"]) == {"n", "accuracy", "f1", "roc_auc"} and cur["guarded"]["n"] == 500
+        )
+        assert cur["primary"]["n"] == routes.count("primary")
+        assert 0.5 < cur["guarded"]["accuracy"] <= 1.0
+    finally:
+        rt.close()
