@@ -5,8 +5,9 @@ A request hands its ``GuardedResult`` over once (``submit``: a reference to its 
 per-row objects, no copy) into a bounded queue. One consumer thread takes everything waiting,
 concatenates it column by column, runs the shadow predictions for the whole lot (the one shadow
 path: the fallback on rows the primary answered, the primary on rows sent to the fallback),
-counts every row into the drift state, and appends the sampled rows to the log as one
-``LogBatch`` (one compressed Arrow record batch in one transaction).
+counts every row into the drift state (with the live estimates' tally of the same rows, see
+estimates.py), and appends the sampled rows to the log as one ``LogBatch`` (one compressed Arrow
+record batch in one transaction).
 
 Durability. By default a request is acknowledged before its rows are stored: a crash loses at
 most what was submitted in the last ``prediction_log.flush_seconds`` plus the write in progress
