@@ -277,7 +277,7 @@ def below_baseline(
     """``"role.metric"`` of the estimates in ``est`` worse than the role's baseline by more
     than ``margin`` of it (the guarded service is held to the primary's baseline).
 
-    >>> below_baseline({"primary": {"n": 300, "mae": 130.0}, "guarded": {"n": 300, "mae": 150.0}},
+    >>> below_baseline({"primary": {"n": 300, "mae": 115.0}, "guarded": {"n": 300, "mae": 150.0}},
     ...                {"primary": {"mae": 100.0}}, 200, 0.2)
     ['guarded.mae']
     """
