@@ -228,6 +228,17 @@ class FeedbackConfig(_Section):
     outcome_range_margin: Annotated[float, Ge(0)] | None = OUTCOME_RANGE_MARGIN
 
 
+class EstimationConfig(_Section):
+    """Live performance estimates per drift window (needs the profile's estimation artefacts,
+    ``guarded-serving profile --holdout``, and drift monitoring, whose windows they share)."""
+
+    enabled: bool = True
+    #: Alert (drift.webhook_url) when a role's estimate in the current window is worse than the
+    #: profile's holdout baseline by more than this share of it (0.2: MAE 20% above the baseline,
+    #: accuracy 20% below it); null: no alert.
+    alert_margin: Annotated[float, Gt(0)] | None = 0.2
+
+
 class ServingConfig(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
 
@@ -246,6 +257,7 @@ class ServingConfig(_Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    estimation: EstimationConfig = Field(default_factory=EstimationConfig)
     #: Columns that are the time of a row, not range-checked nor in the outlier score (see
     #: ``policy.Policy.time_index``): a name or a list of names.
     time_index: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()

@@ -27,6 +27,7 @@ from .drift.windows import (
     drift_view,
 )
 from .errors import StoreError
+from .estimates import LiveEstimates, merged_tally, with_tally
 from .policy import Policy
 from .profile import Profile
 from .store.sql import Store
@@ -77,16 +78,24 @@ class DriftMonitor:
         self.profile = profile
         self.store = store
         self.on_view = on_view
+        #: The live estimates evaluated over the same windows (set by the runtime), or None.
+        self.estimates: LiveEstimates | None = None
 
     def view(self, now: float | None = None) -> dict[str, Any]:
         """The drift view of every worker and replica writing to the store."""
         store = self.store()
         now = time.time() if now is None else now
-        view, windows = evaluate(segments(store), self.profile, self.config.drift, self.config.policy, now)
+        segs = segments(store)
+        view, windows = evaluate(segs, self.profile, self.config.drift, self.config.policy, now)
         if self.on_view is not None:
             self.on_view(view)
         self._record_changes(store, view)
-        self._compact(store, view, windows, now)
+        if self.estimates is not None:
+            try:
+                self.estimates.evaluate(store, segs, windows, view)
+            except Exception as e:  # estimates must not cost the drift view
+                log.warning("live estimates could not be evaluated: %s", e)
+        self._compact(store, view, windows, now, segs)
         view["model"] = self.config.name
         view["profile_hash"] = self.profile.content_hash
         return view
@@ -118,15 +127,26 @@ class DriftMonitor:
         if self.config.drift.webhook_url and (
                 any(c["to"] == DriftStatus.DRIFT for c in changes) or (retrain and not prev_retrain)):
             # Off the caller's thread: GET /drift must not wait for a slow receiver.
-            threading.Thread(target=self._send_webhook, args=(body,), daemon=True).start()
+            self.alert({"kind": "drift_alert", **body})
 
-    def _compact(self, store: Store, view: dict[str, Any], windows: list[Window], now: float) -> None:
+    def alert(self, payload: dict[str, Any]) -> None:
+        """POST ``payload`` to ``drift.webhook_url``, if set, off the caller's thread (GET /drift
+        must not wait for a slow receiver)."""
+        if self.config.drift.webhook_url:
+            threading.Thread(target=self._send_webhook, args=(payload,), daemon=True).start()
+
+    def _compact(self, store: Store, view: dict[str, Any], windows: list[Window], now: float,
+                 segs: list[Segment]) -> None:
         # Closed windows need one segment each, not one per flush.
+        by_id = {s.id: s for s in segs}
         for w in windows:
             if not w.closed or len(w.segment_ids) < 2:
                 continue
+            row = compact([w])[0].as_row()
+            # The window's estimation tallies stay with it (drift state alone would drop them).
+            row["state"] = with_tally(row["state"], merged_tally([by_id[i] for i in w.segment_ids if i in by_id]))
             try:
-                store.replace_segments([i for i in w.segment_ids if i is not None], compact([w])[0].as_row())
+                store.replace_segments([i for i in w.segment_ids if i is not None], row)
             except StoreError as e:  # another process may be compacting too
                 log.debug("compaction skipped: %s", e)
         closed = sum(1 for w in view.get("windows") or [] if w["closed"])
@@ -148,7 +168,7 @@ class DriftMonitor:
     def _send_webhook(self, body: dict[str, Any]) -> None:
         import httpx  # adapter-only dependency
 
-        payload = {"kind": "drift_alert", "ts": time.time(), **body}
+        payload = {"ts": time.time(), **body}
         url = self.config.drift.webhook_url
         assert url
         try:

@@ -29,7 +29,7 @@ import pandas as pd
 from .codec import jsonable
 from .scoring import score
 
-__all__ = ["live_performance", "metric_gauges"]
+__all__ = ["live_performance", "metric_gauges", "realized_beside"]
 
 ROLES = {"guarded": "prediction", "primary": "primary_prediction", "fallback": "fallback_prediction"}
 #: Key of each role's probabilities in the log's ``probabilities`` column.
@@ -91,6 +91,23 @@ def metric_gauges(perf: dict[str, Any]) -> list[tuple[str, dict[str, str], float
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     out.append((GAUGE, {"model": model, "route": route, "metric": metric}, float(value)))
     return out
+
+
+def realized_beside(windows: list[dict[str, Any]], df: pd.DataFrame, task: str) -> list[dict[str, Any]]:
+    """Estimated windows (``estimates.estimated_view``, oldest first, each with ``end``) with
+    ``realized``: the metrics of the rows in ``df`` (with outcomes) that each window holds. A row
+    belongs to the first window ending at or after its request time (a row is counted into its
+    window's drift segment after it was served); rows after the last window's end are in none
+    yet. JSON-safe."""
+    rows = _with_outcomes(df, task)
+    ends = np.array([w["end"] if w.get("end") is not None else -np.inf for w in windows], dtype=float)
+    ts = rows["ts"].astype(float).to_numpy() if "ts" in rows else np.full(len(rows), np.nan)
+    which = np.searchsorted(ends, ts, side="left")
+    out = []
+    for i, w in enumerate(windows):
+        part = rows[which == i]
+        out.append({**w, "realized": {"rows_with_outcomes": len(part), **_metrics(part, task)}})
+    return jsonable(out)  # type: ignore[no-any-return]
 
 
 # -- internals -----------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ A request hands its ``GuardedResult`` over once (``submit``: a reference to its 
 per-row objects, no copy) into a bounded queue. One consumer thread takes everything waiting,
 concatenates it column by column, runs the shadow predictions for the whole lot (the one shadow
 path: the fallback on rows the primary answered, the primary on rows sent to the fallback),
-counts every row into the drift state, and appends the sampled rows to the log as one
-``LogBatch`` (one compressed Arrow record batch in one transaction).
+counts every row into the drift state (with the live estimates' tally of the same rows, see
+estimates.py), and appends the sampled rows to the log as one ``LogBatch`` (one compressed Arrow
+record batch in one transaction).
 
 Durability. By default a request is acknowledged before its rows are stored: a crash loses at
 most what was submitted in the last ``prediction_log.flush_seconds`` plus the write in progress
@@ -30,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,9 +39,13 @@ import pandas as pd
 from .config import ServingConfig
 from .drift.state import DriftState
 from .errors import ConfigError, StoreError
+from .estimation import WindowTally
 from .guard import FALLBACK_ROUTE, REJECTED, GuardedModel, GuardedResult, predict_on_columns
 from .store.logbatch import LogBatch
 from .store.sql import Store
+
+if TYPE_CHECKING:
+    from .estimates import LiveEstimates
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,8 @@ class Recorder:
 
     def __init__(self, guard: GuardedModel, config: ServingConfig, store: Callable[[], Store],
                  on_drop: Callable[[int, str], None] | None = None,
-                 on_logged: Callable[[int, int], None] | None = None) -> None:
+                 on_logged: Callable[[int, int], None] | None = None,
+                 estimates: LiveEstimates | None = None) -> None:
         pl = config.prediction_log
         if not 0.0 <= pl.sample_rate <= 1.0:
             raise ConfigError(f"prediction_log.sample_rate: must be between 0 and 1, got {pl.sample_rate!r}")
@@ -100,6 +106,9 @@ class Recorder:
         self.counts = RecorderCounts()
         self._drift: DriftState | None = DriftState.empty(guard.profile) if config.drift.enabled else None
         self._drift_lock = threading.Lock()
+        #: Live estimates: each batch's tally, taken with the drift counts it belongs to.
+        self.estimates = estimates if self._drift is not None else None
+        self._tally: WindowTally | None = None
         self._model_columns = {
             "model": config.name, "primary_model": guard.primary.name,
             "primary_version": str(guard.primary.version or ""), "fallback_model": guard.fallback.name,
@@ -168,17 +177,23 @@ class Recorder:
 
     def take_drift(self) -> DriftState | None:
         """This process's drift counts since the last take (they start again from zero)."""
+        return self.take_monitoring()[0]
+
+    def take_monitoring(self) -> tuple[DriftState | None, WindowTally | None]:
+        """The drift counts and the estimation tally of the same rows since the last take."""
         if self._drift is None:
-            return None
+            return None, None
         with self._drift_lock:
             state, self._drift = self._drift, DriftState.empty(self.guard.profile)
-        return state
+            tally, self._tally = self._tally, None
+        return state, tally
 
-    def give_back_drift(self, state: DriftState) -> None:
+    def give_back_drift(self, state: DriftState, tally: WindowTally | None = None) -> None:
         """Counts a failed flush could not store: merged back for the next try."""
         with self._drift_lock:
             assert self._drift is not None
             self._drift = state.merge(self._drift)
+            self._tally = _merged(tally, self._tally)
 
     # -- flush and close ---------------------------------------------------------------------
 
@@ -261,8 +276,11 @@ class Recorder:
         if self._drift is not None:
             keep = routes != REJECTED
             seen = cols if keep.all() else {k: v[keep] for k, v in cols.items()}
+            tally = (None if self.estimates is None
+                     else self.estimates.tally(cols, routes, primary, fallback, results))
             with self._drift_lock:
                 self._drift.update(seen, primary[keep] if not keep.all() else primary)
+                self._tally = _merged(self._tally, tally)
         if self.log_enabled:
             self._log(items, cols, routes, primary, fallback)
 
@@ -380,6 +398,10 @@ def shadow_into(model: Any, cols: dict[str, Any], mask: np.ndarray, out: np.ndar
             out[idx] = pred.labels
     except Exception as e:  # flagged rows may well break the primary; that is the point
         log.debug("shadow %s call on %d row(s) failed: %s", getattr(model, "name", "model"), idx.size, e)
+
+
+def _merged(a: WindowTally | None, b: WindowTally | None) -> WindowTally | None:
+    return b if a is None else a if b is None else a.merge(b)
 
 
 def _concat(parts: list[Any]) -> np.ndarray:

@@ -30,11 +30,12 @@ from .errors import (
     SchemaError,
     StoreError,
 )
+from .estimates import LiveEstimates, with_tally
 from .executors import BoundedExecutor, ExecutorBusyError
 from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
-from .performance import live_performance, metric_gauges
+from .performance import live_performance, metric_gauges, realized_beside
 from .recorder import Recorder
 from .store.sql import LazyStore
 from .telemetry import ServiceMetrics
@@ -101,10 +102,16 @@ class ServingRuntime:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.timeout_s = config.store.timeout_seconds
         self.store = LazyStore(config.store.url, config.store.table_prefix, self.timeout_s)
-        self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
-                                 on_logged=metrics.logged if metrics is not None else None)
         self.monitor = DriftMonitor(config, self.profile, self.store,
                                     on_view=metrics.set_drift if metrics is not None else None)
+        #: Estimated performance per drift window (None without estimation artefacts).
+        self.estimates = LiveEstimates.for_config(
+            config, self.profile, webhook=self.monitor.alert,
+            on_view=metrics.set_estimates if metrics is not None else None)
+        self.monitor.estimates = self.estimates
+        self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
+                                 on_logged=metrics.logged if metrics is not None else None,
+                                 estimates=self.estimates)
         self.monitoring = BoundedExecutor("guarded-monitoring", MONITOR_THREADS, MONITOR_QUEUE)
         self._stop = threading.Event()
         self._flusher_pid = -1
@@ -188,17 +195,17 @@ class ServingRuntime:
 
     def flush_drift(self) -> bool:
         """Store this worker's drift counts as one segment; on failure keep them for next time."""
-        state = self.recorder.take_drift()
+        state, tally = self.recorder.take_monitoring()
         if state is None or state.is_empty:
             return True
         try:
             now = time.time()
             self.store().add_segment(self.worker_id, state.first_ts or now, state.last_ts or now,
-                                     state.rows, state.to_dict())
+                                     state.rows, with_tally(state.to_dict(), tally))
             return True
         except Exception as e:
             log.warning("could not flush drift counts to the store (kept for the next try): %s", e)
-            self.recorder.give_back_drift(state)
+            self.recorder.give_back_drift(state, tally)
             return False
 
     def drift(self) -> dict[str, Any]:
@@ -301,8 +308,25 @@ class ServingRuntime:
                                 window_rows=window_rows or self.config.drift.window_rows)
         if self.metrics is not None:
             self.metrics.set_performance(metric_gauges(perf))
+        if self.estimates is not None:
+            perf["estimated"] = self.estimated(df)
         perf["model"] = self.config.name
         return perf
+
+    def estimated(self, outcomes: Any = None) -> dict[str, Any]:
+        """The estimated view of the drift windows (``estimates.estimated_view``), each window
+        with the realized metrics of its rows that have outcomes (``outcomes``: as
+        ``Store.outcome_rows`` gives them) beside the estimate."""
+        assert self.estimates is not None
+        self.drift()  # flushes and evaluates (shared with concurrent readers, briefly cached)
+        view = dict(self.estimates.view or {})
+        if outcomes is not None and view:
+            view["windows"] = realized_beside(view.get("windows") or [], outcomes, self.profile.task)
+            cur = (view.get("current") or {}).get("window") or {}
+            for w in view["windows"]:
+                if w["index"] == cur.get("index"):
+                    view["current"] = {**view["current"], "realized": w["realized"]}
+        return view
 
     async def aperformance(self, since: float | None = None, window_rows: int | None = None) -> dict[str, Any]:
         """``performance`` on the monitoring executor, bounded by the store timeout."""

@@ -19,6 +19,9 @@ Metric names follow Prometheus conventions (base units, ``_total`` for counters)
     guarded_serving_drift_window_rows{model}                   gauge
     guarded_serving_retrain_recommended{model}                 gauge (0 or 1)
     guarded_serving_live_metric{model,role,route,metric}       gauge (live performance on outcomes)
+    guarded_serving_estimated_metric{model,role,scope,metric}  gauge (estimate of the current drift window)
+    guarded_serving_estimated_metric_band{model,role,scope,metric,bound}  gauge (bound: low|high)
+    guarded_serving_estimated_rows{model,scope}                gauge (rows behind the estimate)
 
 Metrics are created on first use inside the worker process, after BentoML has pointed
 ``PROMETHEUS_MULTIPROC_DIR`` at its shared directory, so ``/metrics`` adds up all workers.
@@ -128,6 +131,16 @@ class ServiceMetrics:
         self.live_metric = Gauge("guarded_serving_live_metric",
                                  "Live performance on rows with true outcomes.",
                                  ["model", "role", "route", "metric"], **gauge_kw)
+        self.estimated = Gauge("guarded_serving_estimated_metric",
+                               "Estimated performance (no outcomes needed) in the current drift "
+                               "window; scope=all or flagged (rows outside the training support).",
+                               ["model", "role", "scope", "metric"], **gauge_kw)
+        self.estimated_band = Gauge("guarded_serving_estimated_metric_band",
+                                    "Bounds of the 95% band of the estimate (bound=low|high).",
+                                    ["model", "role", "scope", "metric", "bound"], **gauge_kw)
+        self.estimated_rows = Gauge("guarded_serving_estimated_rows",
+                                    "Rows behind the current window's estimate.", ["model", "scope"],
+                                    **gauge_kw)
 
     def observe(self, result: Any) -> None:
         """Record one guarded prediction (a ``GuardedResult``)."""
@@ -188,3 +201,17 @@ class ServiceMetrics:
         for _, labels, value in gauges:
             self.live_metric.labels(self.model, labels.get("model", ""), labels.get("route", ""),
                                     labels.get("metric", "")).set(value)
+
+    def set_estimates(self, view: dict[str, Any]) -> None:
+        """Publish the estimate gauges from an estimated view (``estimates.estimated_view``)."""
+        from .estimates import estimate_gauges
+
+        cur = view.get("current") or {}
+        self.estimated_rows.labels(self.model, "all").set(float(cur.get("n") or 0))
+        self.estimated_rows.labels(self.model, "flagged").set(float((cur.get("flagged") or {}).get("n") or 0))
+        for labels, value, lo, hi in estimate_gauges(view):
+            key = (self.model, labels["role"], labels["scope"], labels["metric"])
+            self.estimated.labels(*key).set(value)
+            for bound, v in (("low", lo), ("high", hi)):
+                if v is not None:
+                    self.estimated_band.labels(*key, bound).set(float(v))

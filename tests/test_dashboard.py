@@ -26,7 +26,7 @@ from .server import ROOT, Server, free_port, write_config
 DASHBOARD = ROOT / "deploy" / "grafana" / "guarded-serving.json"
 MODEL = "diamonds-price"
 #: Panels that stay empty on healthy traffic: nothing failed, nothing was dropped.
-QUIET = {"Primary errors and latency-budget misses", "Rows not logged"}
+QUIET = {"Primary errors and latency-budget misses", "Rows not logged", "Estimate on flagged rows"}
 
 
 def _dashboard() -> dict[str, Any]:
@@ -55,7 +55,8 @@ def test_dashboard_is_importable_and_parameterised() -> None:
     exprs = " ".join(e for _, e in _queries())
     for name in ("requests_total", "stage_duration_seconds_bucket", "rows_total", "flags_total",
                  "primary_errors_total", "latency_budget_misses_total", "drift_status", "drift_psi",
-                 "retrain_recommended", "drift_window_rows", "live_metric", "prediction_log_dropped_rows_total"):
+                 "retrain_recommended", "drift_window_rows", "live_metric", "prediction_log_dropped_rows_total",
+                 "estimated_metric", "estimated_metric_band", "estimated_rows"):
         assert f"guarded_serving_{name}" in exprs, name
 
 

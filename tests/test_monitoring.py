@@ -156,6 +156,9 @@ class _Webhook:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [a for a in self.alerts if a.get("kind") == kind]
+
 
 def test_shifted_traffic_turns_drift_on_recommends_retraining_and_alerts(tmp_path: Path) -> None:
     hook = _Webhook()
@@ -175,18 +178,21 @@ def test_shifted_traffic_turns_drift_on_recommends_retraining_and_alerts(tmp_pat
         _send(srv, shifted.iloc[300:], threads=1)
         later = _drift(srv, 1500)
         deadline = time.monotonic() + 10
-        while not hook.alerts and time.monotonic() < deadline:
+        while not (hook.of_kind("drift_alert") and hook.of_kind("estimate_alert")) and time.monotonic() < deadline:
             time.sleep(0.2)
         metrics = httpx.get(srv.url + "/metrics").text
     assert _by_name(one["current"])["carat"]["status"] == "drift"
     assert not one["retrain_recommended"], "one drifting window is not yet persistent drift"
     assert later["retrain_recommended"] and later["consecutive_drift_windows"] >= 2, [(w["rows"], w["closed"], w["status"]) for w in later["windows"]]
-    assert hook.alerts, "the webhook should have received an alert"
-    alert = hook.alerts[0]
+    drift_alerts = hook.of_kind("drift_alert")
+    assert drift_alerts, "the webhook should have received an alert"
+    alert = drift_alerts[0]
     assert any(c["feature"] == "carat" and c["to"] == "drift" for c in alert["changes"])
     # Two workers evaluate drift, but each change is recorded and alerted once.
-    carat_alerts = [a for a in hook.alerts for c in a["changes"] if c["feature"] == "carat" and c["to"] == "drift"]
+    carat_alerts = [a for a in drift_alerts for c in a["changes"] if c["feature"] == "carat" and c["to"] == "drift"]
     assert len(carat_alerts) == 1, hook.alerts
+    # So is the estimate falling below the baseline (the same webhook, another kind).
+    assert len([a for a in hook.of_kind("estimate_alert") if "primary.mae" in a["new"]]) == 1, hook.alerts
     assert 'guarded_serving_drift_status{feature="carat",model="diamonds-price"} 2.0' in metrics
     assert 'guarded_serving_retrain_recommended{model="diamonds-price"}' in metrics
     assert "drift: feature carat changed from" in srv.logs(tail=None)

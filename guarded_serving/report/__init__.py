@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..config import ServingConfig
+from ..estimates import estimated_view
 from ..monitor import evaluate, segments
-from ..performance import live_performance
+from ..performance import live_performance, realized_beside
 from ..profile import Profile
 from .html import render_report
 
@@ -28,7 +29,8 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
     store = Store(config.store.url, prefix=config.store.table_prefix, timeout_s=config.store.timeout_seconds)
     try:
         d = config.drift
-        view, windows = evaluate(segments(store), profile, d, config.policy)
+        segs = segments(store)
+        view, windows = evaluate(segs, profile, d, config.policy)
         # Only the stretch of the log the listed windows cover, and without the features.
         starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
         log = store.joined(since=min(starts) if starts else None, features=False)
@@ -59,8 +61,12 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
             "reasons": dict(reasons),
         })
     perf = live_performance(outcomes, profile.task, profile.baseline, window_rows=d.window_rows)
+    # The estimates the service stored with the drift segments, beside the realized figures.
+    estimated = estimated_view(segs, windows, view, profile.baseline or {}, d.min_rows,
+                               config.estimation.alert_margin)
+    estimated["windows"] = realized_beside(estimated["windows"], outcomes, profile.task)
     return {"drift": view, "distributions": distributions, "history": history, "performance": perf,
-            "model": config.name}
+            "estimated": estimated, "model": config.name}
 
 
 def build_report(config: ServingConfig) -> str:
@@ -73,6 +79,7 @@ def build_report(config: ServingConfig) -> str:
         distributions=data["distributions"],
         history=data["history"],
         performance=data["performance"],
+        estimated=data["estimated"],
         generated_at=datetime.now(UTC),
     )
 

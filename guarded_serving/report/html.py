@@ -48,6 +48,7 @@ def render_report(
     history: Sequence[dict[str, Any]] = (),
     performance: dict[str, Any] | None = None,
     generated_at: datetime | None = None,
+    estimated: dict[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string.
 
@@ -55,6 +56,7 @@ def render_report(
     ``{"labels", "training", "live"}`` proportions over the profile's bins or categories.
     ``history``: closed windows, oldest first, each ``{"end", "rows", "statistics": {feature: value},
     "fallback_rate", "reasons": {reason: rows}}``. ``performance``: the ``GET /performance`` body.
+    ``estimated``: its ``estimated`` part (windows with ``realized`` beside the estimates).
     """
     generated_at = generated_at or datetime.now(UTC)
     overall = str(drift.get("status", "insufficient_data"))
@@ -118,6 +120,8 @@ def render_report(
 
     if performance:
         out.append(_performance(performance))
+    if estimated and any(w.get("n") for w in estimated.get("windows") or []):
+        out.append(_estimated(estimated, (performance or {}).get("task")))
     out.append("</body></html>")
     return "".join(out)
 
@@ -166,3 +170,35 @@ def _performance(perf: dict[str, Any]) -> str:
             f'primary {_num(impact.get("primary_on_fallback_rows"))} vs fallback '
             f'{_num(impact.get("fallback_on_fallback_rows"))}: {verdict}.</div>')
     return "".join(rows)
+
+
+def _estimated(est: dict[str, Any], task: str | None) -> str:
+    """Estimated against realized per drift window: a chart of the headline metric and a table."""
+    windows = [w for w in est.get("windows") or [] if w.get("n")]
+    metric = "accuracy" if task == "classification" else "mae"
+    xs = [_short_time(_when(w.get("end"))) for w in windows]
+    series: dict[str, Sequence[float | None]] = {}
+    for role in ("guarded", "primary"):
+        series[f"{role} estimated"] = [(w.get(role) or {}).get(metric) for w in windows]
+        series[f"{role} realized"] = [((w.get("realized") or {}).get(role) or {}).get(metric)
+                                      if (w.get("realized") or {}).get("rows_with_outcomes") else None
+                                      for w in windows]
+    out = ["<h2>Estimated against realized performance over windows</h2>",
+           '<p class=sub>Estimates need no outcomes (the profile\'s estimation artefacts); the realized '
+           "figure appears once outcomes arrive. Estimates are unreliable on flagged rows (outside "
+           "the training support) and under concept drift.</p>",
+           svg.lines(xs, series, title=f"{metric} per drift window, estimated and realized", y_label=metric),
+           "<table id=estimated><tr><th>window end</th><th>rows</th><th>flagged</th><th>model</th>"
+           f"<th>estimated {metric}</th><th>band</th><th>realized {metric}</th><th>rows with outcomes</th></tr>"]
+    for w, x in zip(windows, xs, strict=True):
+        realized = w.get("realized") or {}
+        for role in ("guarded", "primary", "fallback"):
+            band = ((w.get("bands") or {}).get(role) or {}).get(metric) or [None, None]
+            got = (realized.get(role) or {}).get(metric) if realized.get("rows_with_outcomes") else None
+            out.append(f'<tr data-window="{w.get("index")}" data-model="{role}"><td>{escape(x)}</td>'
+                       f'<td>{_num(w.get("n"))}</td><td>{_num((w.get("flagged") or {}).get("n"))}</td>'
+                       f'<td>{role}</td><td class=estimated>{_num((w.get(role) or {}).get(metric))}</td>'
+                       f"<td>{_num(band[0])} – {_num(band[1])}</td><td class=realized>{_num(got)}</td>"
+                       f'<td>{_num(realized.get("rows_with_outcomes"))}</td></tr>')
+    out.append("</table>")
+    return "".join(out)
