@@ -18,7 +18,8 @@ from guarded_serving.report import build_report
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from . import _data
-from .server import Server, wait_until, write_config
+from .conftest import wait_until
+from .server import Server, write_config
 from .test_monitoring import _Webhook
 
 WINDOW = 400
