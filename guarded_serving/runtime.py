@@ -34,7 +34,9 @@ from .executors import BoundedExecutor, ExecutorBusyError
 from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
-from .performance import live_performance, metric_gauges
+from .challenger import load_challenger
+from .performance import challenger_performance, live_performance, metric_gauges
+from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote
 from .recorder import Recorder
 from .store.sql import LazyStore
 from .telemetry import ServiceMetrics
@@ -112,6 +114,16 @@ class ServingRuntime:
         self._view_lock = threading.Lock()  # guards _view only; never held across I/O
         self._last_purge = 0.0
         self._next_read = 0.0  # event-loop time of the next free read slot
+        self.challenger = load_challenger(config)
+        self.recorder.challenger = self.challenger
+        #: Told of every switch this process follows: (event, loaded); must not raise.
+        self.on_switch: Any = None
+        self.switch_failures = 0
+        self._config_guard = self.guard
+        self._switch_id = 0
+        self._switch_pid = -1
+        self._follow_switches()  # a process starting after a promotion serves the promoted set
+        self._ensure_switch_watcher()
 
     def _on_drop(self, n: int, stage: str) -> None:
         if self.metrics is not None:
@@ -299,10 +311,25 @@ class ServingRuntime:
         df = self.store().outcome_rows(since=since)
         perf = live_performance(df, self.profile.task, self.profile.baseline,
                                 window_rows=window_rows or self.config.drift.window_rows)
+        challenger = challenger_performance(df, self.profile.task, self.config.auto_promote.margin)
+        if challenger is not None:
+            perf["challenger"] = challenger
+            self._maybe_auto_promote(challenger)
         if self.metrics is not None:
             self.metrics.set_performance(metric_gauges(perf))
         perf["model"] = self.config.name
         return perf
+
+    def _maybe_auto_promote(self, challenger: dict[str, Any]) -> None:
+        ap, ch = self.config.auto_promote, self.challenger
+        if not ap.enabled or ch is None or ch.version == self.guard.version:
+            return
+        if challenger.get("n", 0) >= ap.min_outcomes and challenger.get("verdict") == "better":
+            try:
+                self.switch(Action.PROMOTE, "auto_promote",
+                            f"challenger better than the guarded service on {challenger['n']} outcomes")
+            except GuardedServingError as e:  # another process promoted first: fine
+                log.info("auto-promotion not recorded: %s", e.message)
 
     async def aperformance(self, since: float | None = None, window_rows: int | None = None) -> dict[str, Any]:
         """``performance`` on the monitoring executor, bounded by the store timeout."""
@@ -320,8 +347,75 @@ class ServingRuntime:
 
     # -- background work ---------------------------------------------------------------------
 
+    # -- promotion and rollback (promotion.py) -------------------------------------------------
+
+    def _ensure_switch_watcher(self) -> None:
+        if self._switch_pid == os.getpid():
+            return
+        self._switch_pid = os.getpid()
+        threading.Thread(target=self._watch_switches, name="guarded-switches", daemon=True).start()
+
+    def _watch_switches(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._follow_switches()
+
+    def _follow_switches(self) -> None:
+        """Serve the newest recorded switch's model set, if this process does not yet. The new
+        set is loaded and warmed here, off the request path, then swapped in as one reference;
+        requests in flight keep the set they started with. A set that cannot be loaded leaves
+        the old one serving (counted; tried again at the next switch)."""
+        try:
+            ev = current_switch(self.store())
+        except Exception as e:  # the store is down: keep serving what we have
+            log.debug("could not look for model switches: %s", e)
+            return
+        new_id = ev.id if ev is not None else 0
+        if new_id == self._switch_id:
+            return
+        self._switch_id = new_id
+        try:
+            guard = self._config_guard if ev is None else build_guard(self.config, ev.to, self._config_guard)
+        except Exception as e:
+            self.switch_failures += 1
+            log.error("model switch %s to %s could not be loaded; version %s keeps serving: %s",
+                      new_id, ev.to_version if ev else "?", self.guard.version, e)
+            self._switched(ev, False)
+            return
+        old = self.guard
+        self.guard = guard  # the one reference the request path reads
+        self.profile = guard.profile
+        self.recorder.primary_model = guard.primary
+        ch = self.challenger
+        self.recorder.challenger = ch if ch is not None and ch.version != guard.version else None
+        if ev is not None:
+            log.warning("model switch %d: %s from %s to %s by %s (%s)", ev.id, ev.action,
+                        old.version, guard.version, ev.actor, ev.reason or "no reason given")
+        self._switched(ev, True)
+
+    def _switched(self, ev: SwitchEvent | None, loaded: bool) -> None:
+        if self.on_switch is not None and ev is not None:
+            try:
+                self.on_switch(ev, loaded, self.guard.version)
+            except Exception:  # noqa: BLE001
+                log.exception("on_switch callback failed")
+
+    def switch(self, action: Action, actor: str, reason: str = "") -> dict[str, Any]:
+        """Record a promotion of the config's challenger, or a rollback; this process follows it
+        at once, the others within ``POLL_S``."""
+        from .promotion import rollback
+
+        fn = promote if action == Action.PROMOTE else rollback
+        ev = fn(self.store(), self.config, actor=actor, reason=reason)
+        self._follow_switches()
+        return {**ev.to_dict(), "serving_version": self.guard.version}
+
+    async def aswitch(self, action: Action, actor: str, reason: str = "") -> dict[str, Any]:
+        """``switch`` on the monitoring executor (loading a model may take a while)."""
+        return await self._monitoring(self.switch, action, actor, reason, extra=30.0)
+
     def _ensure_flusher(self) -> None:
         # Started on first use in each worker: a thread started before BentoML forks would not survive.
+        self._ensure_switch_watcher()
         if self._flusher_pid == os.getpid():
             return
         with self._view_lock:
