@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from .challenger import load_challenger
 from .codec import dumps
 from .config import ServingConfig
 from .errors import (
@@ -34,7 +35,6 @@ from .executors import BoundedExecutor, ExecutorBusyError
 from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
-from .challenger import load_challenger
 from .performance import challenger_performance, live_performance, metric_gauges
 from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote
 from .recorder import Recorder

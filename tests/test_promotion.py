@@ -1,0 +1,165 @@
+"""Promotion and rollback: switch events in the store, followed by every runtime sharing it;
+requests in flight finish on the model set they started with (in process, temporary SQLite)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from guarded_serving.config import load_config
+from guarded_serving.errors import ConflictError
+from guarded_serving.promotion import Action, current_switch, promote, rollback, switches
+from guarded_serving.runtime import ServingRuntime, new_request_id
+
+from ._data import EXAMPLE, features, json_rows, serve
+from .conftest import wait_until
+from .server import write_config
+
+CHALLENGER = {"path": str(EXAMPLE / "fallback.onnx"), "version": "c1", "profile": str(EXAMPLE / "profile.json")}
+
+
+def _config(tmp_path: Path, **overrides: object):  # noqa: ANN202
+    return load_config(write_config(tmp_path, **{"challenger": CHALLENGER, **overrides}))
+
+
+def _version(rt: ServingRuntime) -> str:
+    return rt.predict(json_rows(features(serve()).head(2)), request_id=new_request_id()).primary_version
+
+
+def test_promote_then_rollback_switches_every_runtime_on_the_store(tmp_path: Path) -> None:
+    config = _config(tmp_path, primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    a, b = ServingRuntime(config), ServingRuntime(config)
+    assert _version(a) == _version(b) == "p1"
+    ev = a.switch(Action.PROMOTE, actor="test", reason="replay better")
+    assert (ev["action"], ev["from_version"], ev["to_version"], ev["serving_version"]) == ("promote", "p1", "c1", "c1")
+    assert _version(a) == "c1", "the process that recorded it follows at once"
+    assert wait_until(lambda: _version(b) == "c1", 5), "another process within seconds"
+    result = b.predict(json_rows(features(serve()).head(3)), request_id=new_request_id())
+    assert result.to_dict()["primary_version"] == "c1"
+    # The promoted model serves (the example's fallback, answering where the checks pass).
+    assert (result.primary_predictions[result.routes == "primary"] ==
+            result.predictions[result.routes == "primary"]).all()
+    with pytest.raises(ConflictError, match="already the primary"):
+        promote(a.store(), config, actor="test")
+    rollback(a.store(), config, actor="test", reason="worse on outcomes")
+    assert wait_until(lambda: _version(a) == _version(b) == "p1", 5)
+    with pytest.raises(ConflictError, match="nothing to roll back"):
+        rollback(a.store(), config, actor="test")
+    history = switches(a.store())
+    assert [(e.action, e.from_version, e.to_version, e.actor) for e in history] == [
+        (Action.ROLLBACK, "c1", "p1", "test"), (Action.PROMOTE, "p1", "c1", "test")]
+    assert history[1].reason == "replay better"
+    # A process that starts after a promotion serves the promoted set from its first request.
+    promote(a.store(), config, actor="test")
+    late = ServingRuntime(config)
+    assert _version(late) == "c1"
+    for rt in (a, b, late):
+        rt.close()
+
+
+def test_the_log_names_the_primary_that_served_each_row(tmp_path: Path) -> None:
+    config = _config(tmp_path, primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    rt = ServingRuntime(config)
+    before, after = new_request_id(), new_request_id()
+    rows = json_rows(features(serve()).head(4))
+    rt.predict(rows, request_id=before)
+    rt.switch(Action.PROMOTE, actor="test")
+    rt.predict(rows, request_id=after)
+    assert rt.recorder.flush(10)
+    df = rt.store().joined()
+    versions = dict(zip(df["request_id"], df["primary_version"], strict=True))
+    assert versions[before] == "p1" and versions[after] == "c1"
+    # Once promoted, the challenger is the primary: it is no longer scored as a challenger.
+    assert df.loc[df["request_id"] == after, "challenger_prediction"].isna().all()
+    rt.close()
+
+
+def test_requests_in_flight_finish_on_the_model_they_started_with(tmp_path: Path) -> None:
+    config = _config(tmp_path, primary={"callable": "tests.models_for_tests:slow_primary", "version": "slow"},
+                     latency_budget_ms=None)
+    rt = ServingRuntime(config)
+    rows = json_rows(features(serve()).head(3))
+    out: dict[str, object] = {}
+    started = threading.Event()
+
+    def call() -> None:
+        started.set()
+        out["result"] = rt.predict(rows, request_id=new_request_id())
+
+    t = threading.Thread(target=call)
+    t.start()
+    started.wait()
+    rt.switch(Action.PROMOTE, actor="test")  # while the slow primary (0.5 s) is still answering
+    t.join(10)
+    result = out["result"]
+    assert result.primary_version == "slow"  # type: ignore[attr-defined]
+    assert (result.predictions[result.routes == "primary"] == 1.0).all()  # type: ignore[attr-defined]
+    assert _version(rt) == "c1"
+    rt.close()
+
+
+def test_a_set_that_cannot_load_leaves_the_old_one_serving(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    config = _config(tmp_path, primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    rt = ServingRuntime(config)
+    bad = _config(tmp_path, challenger={**CHALLENGER, "path": str(broken), "version": "bad"})
+    promote(rt.store(), bad, actor="test")
+    assert wait_until(lambda: rt.switch_failures == 1, 5)
+    assert _version(rt) == "p1" and current_switch(rt.store()).to_version == "bad"
+    rt.close()
+
+
+def test_concurrent_switches_are_recorded_once(tmp_path: Path) -> None:
+    config = _config(tmp_path, primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    rt = ServingRuntime(config)
+    store = rt.store()
+    results: list[object] = []
+
+    def go() -> None:
+        try:
+            results.append(promote(store, config, actor="race"))
+        except ConflictError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(switches(store)) == 1
+    assert sum(not isinstance(r, ConflictError) for r in results) == 1
+    rt.close()
+
+
+def constant(data):  # noqa: ANN001, ANN201 - a poor primary, for auto-promotion to beat
+    return data["carat"].to_numpy() * 0.0 + 1.0
+
+
+def test_auto_promotion_once_the_challenger_is_better_on_enough_outcomes(tmp_path: Path) -> None:
+    config = _config(tmp_path, primary={"callable": "tests.test_promotion:constant", "version": "const"},
+                     challenger={**CHALLENGER, "path": str(EXAMPLE / "primary.onnx")},
+                     auto_promote={"enabled": True, "min_outcomes": 100})
+    rt = ServingRuntime(config)
+    df = serve().head(200)
+    rows, price = json_rows(features(df)), df["price"].tolist()
+    ids = [new_request_id() for _ in range(20)]
+    for i, rid in enumerate(ids[:5]):
+        rt.predict(rows[i * 10:(i + 1) * 10], request_id=rid)
+    assert rt.recorder.flush(10)
+    rt.feedback([(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids[:5]) for j in range(10)])
+    assert rt.performance()["challenger"]["n"] == 50 and _version(rt) == "const", "too few outcomes yet"
+    for i, rid in enumerate(ids[5:], start=5):
+        rt.predict(rows[i * 10:(i + 1) * 10], request_id=rid)
+    assert rt.recorder.flush(10)
+    rt.feedback([(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids) for j in range(10)][50:])
+    perf = rt.performance()
+    assert perf["challenger"]["verdict"] == "better"
+    assert _version(rt) == "c1"
+    (ev,) = switches(rt.store())
+    assert ev.actor == "auto_promote" and ev.action == Action.PROMOTE
+    rt.performance()
+    assert len(switches(rt.store())) == 1, "recorded once"
+    rt.close()
