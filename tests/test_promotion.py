@@ -3,9 +3,16 @@ requests in flight finish on the model set they started with (in process, tempor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from guarded_serving.config import load_config
@@ -15,7 +22,8 @@ from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import EXAMPLE, features, json_rows, serve
 from .conftest import wait_until
-from .server import write_config
+from .server import ROOT, Server, write_config
+from .test_monitoring import PG_URL, pg_schema  # noqa: F401 - the fixture
 
 CHALLENGER = {"path": str(EXAMPLE / "fallback.onnx"), "version": "c1", "profile": str(EXAMPLE / "profile.json")}
 
@@ -65,12 +73,14 @@ def test_the_log_names_the_primary_that_served_each_row(tmp_path: Path) -> None:
     before, after = new_request_id(), new_request_id()
     rows = json_rows(features(serve()).head(4))
     rt.predict(rows, request_id=before)
+    assert rt.recorder.flush(10)
     rt.switch(Action.PROMOTE, actor="test")
     rt.predict(rows, request_id=after)
     assert rt.recorder.flush(10)
     df = rt.store().joined()
     versions = dict(zip(df["request_id"], df["primary_version"], strict=True))
     assert versions[before] == "p1" and versions[after] == "c1"
+    assert df.loc[df["request_id"] == before, "challenger_prediction"].notna().all()
     # Once promoted, the challenger is the primary: it is no longer scored as a challenger.
     assert df.loc[df["request_id"] == after, "challenger_prediction"].isna().all()
     rt.close()
@@ -163,3 +173,119 @@ def test_auto_promotion_once_the_challenger_is_better_on_enough_outcomes(tmp_pat
     rt.performance()
     assert len(switches(rt.store())) == 1, "recorded once"
     rt.close()
+
+
+# -- end to end, over HTTP ---------------------------------------------------------------------
+
+TOKEN = "promote-t0ken"
+
+
+@contextmanager
+def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float, int, str | None]]]:
+    """One-row requests in a loop from ``threads`` clients spread over ``urls``, until the block
+    ends: (time answered, status, primary_version) per request."""
+    rows = json_rows(features(serve()).head(50))
+    out: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=urls[k % len(urls)], timeout=30.0) as c:
+            i = k
+            while not stop.is_set():
+                r = c.post("/predict", json={"rows": [rows[i % len(rows)]]})
+                out.append((time.monotonic(), r.status_code,
+                            r.json().get("primary_version") if r.status_code == 200 else None))
+                i += threads
+
+    with ThreadPoolExecutor(threads) as ex:
+        for k in range(threads):
+            ex.submit(client, k)
+        try:
+            yield out
+        finally:
+            stop.set()
+
+
+def _switched_within(answers: list[tuple[float, int, str | None]], t0: float, version: str) -> float:
+    """Seconds from ``t0`` to the last answer naming another version (0 when none came after t0)."""
+    stale = [t for t, _, v in answers if t > t0 and v != version]
+    return max(stale) - t0 if stale else 0.0
+
+
+def _serving(srv: Server, version: str) -> float:
+    """Workers serving ``version``, as guarded_serving_primary_info adds them up."""
+    for line in httpx.get(srv.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("guarded_serving_primary_info{") and f'version="{version}"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.e2e
+def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, challenger=CHALLENGER, store={"flush_seconds": 0.3},
+                       primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with Server(cfg, workers=2, env={"GUARDED_SERVING_TOKEN": TOKEN}) as srv:
+        df = serve().head(200)
+        with httpx.Client(base_url=srv.url, timeout=30.0, headers=auth) as c:
+            body = c.post("/predict", json={"rows": json_rows(features(df))}).json()
+            assert body["primary_version"] == "p1"
+            c.post("/feedback", json={"outcomes": [{"request_id": body["request_id"], "row": i, "outcome": float(p)}
+                                                   for i, p in enumerate(df["price"])]}).raise_for_status()
+            perf = c.get("/performance").json()
+            assert perf["overall"]["challenger"]["n"] == 200 and perf["challenger"]["version"] == "c1"
+            assert "intervals" in perf["challenger"]
+            assert httpx.post(srv.url + "/admin/promote").status_code == 401, "the token is required"
+            with _steady_load([srv.url]) as answers:
+                wait_until(lambda: len(answers) > 200, 30)
+                t0 = time.monotonic()
+                ev = c.post("/admin/promote", json={"reason": "e2e", "actor": "pytest"})
+                assert ev.status_code == 200, ev.text
+                assert ev.json()["to_version"] == "c1"
+                wait_until(lambda: _serving(srv, "c1") == 2, 10)
+                time.sleep(1.0)
+                promoted = _switched_within(answers, t0, "c1")
+                t1 = time.monotonic()
+                done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "rollback", str(cfg),
+                                       "--reason", "e2e"], cwd=ROOT, capture_output=True, text=True)
+                assert done.returncode == 0, done.stderr
+                wait_until(lambda: _serving(srv, "p1") == 2, 10)
+                time.sleep(1.0)
+                rolled_back = _switched_within(answers, t1, "p1")
+            statuses = [s for _, s, _ in answers]
+            metrics = httpx.get(srv.url + "/metrics").text
+        print(f"\n{len(answers)} answers, non-2xx {sum(s >= 300 for s in statuses)}; promote followed "
+              f"by every answer within {promoted:.2f} s, rollback within {rolled_back:.2f} s")
+        assert all(200 <= s < 300 for s in statuses)
+        assert promoted < 5.0 and rolled_back < 5.0
+        assert 'action="promote"' in metrics and 'action="rollback"' in metrics
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_two_service_processes_on_postgresql_switch_together(tmp_path: Path, pg_schema: str) -> None:  # noqa: F811
+    store = {"url": PG_URL, "table_prefix": pg_schema, "flush_seconds": 0.3}
+    servers = []
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        servers.append(Server(write_config(tmp_path / d, challenger=CHALLENGER, store=store,
+                                           primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})))
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda s: s.start(), servers))
+    try:
+        with _steady_load([s.url for s in servers]) as answers:
+            wait_until(lambda: len(answers) > 100, 30)
+            t0 = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "promote", str(servers[0].config),
+                                   "--reason", "two replicas"], cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            for s in servers:
+                wait_until(lambda s=s: _serving(s, "c1") == 1, 10)
+            time.sleep(1.0)
+            within = _switched_within(answers, t0, "c1")
+        print(f"\n{len(answers)} answers over two processes; both serve c1 within {within:.2f} s")
+        assert all(200 <= s < 300 for _, s, _ in answers)
+        assert within < 5.0
+    finally:
+        for s in servers:
+            s.stop()
