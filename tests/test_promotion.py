@@ -3,6 +3,7 @@ requests in flight finish on the model set they started with (in process, tempor
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -193,7 +194,7 @@ def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float
             i = k
             while not stop.is_set():
                 r = c.post("/predict", json={"rows": [rows[i % len(rows)]]})
-                out.append((time.monotonic(), r.status_code,
+                out.append((time.time(), r.status_code,
                             r.json().get("primary_version") if r.status_code == 200 else None))
                 i += threads
 
@@ -207,7 +208,8 @@ def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float
 
 
 def _switched_within(answers: list[tuple[float, int, str | None]], t0: float, version: str) -> float:
-    """Seconds from ``t0`` to the last answer naming another version (0 when none came after t0)."""
+    """Seconds from ``t0`` (wall clock: the switch's ts in the store) to the last answer naming
+    another version (0 when none came after t0)."""
     stale = [t for t, _, v in answers if t > t0 and v != version]
     return max(stale) - t0 if stale else 0.0
 
@@ -230,25 +232,25 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
         with httpx.Client(base_url=srv.url, timeout=30.0, headers=auth) as c:
             body = c.post("/predict", json={"rows": json_rows(features(df))}).json()
             assert body["primary_version"] == "p1"
-            c.post("/feedback", json={"outcomes": [{"request_id": body["request_id"], "row": i, "outcome": float(p)}
-                                                   for i, p in enumerate(df["price"])]}).raise_for_status()
+            c.post("/feedback", json={"request_id": body["request_id"],
+                                      "outcomes": [float(p) for p in df["price"]]}).raise_for_status()
             perf = c.get("/performance").json()
             assert perf["overall"]["challenger"]["n"] == 200 and perf["challenger"]["version"] == "c1"
             assert "intervals" in perf["challenger"]
             assert httpx.post(srv.url + "/admin/promote").status_code == 401, "the token is required"
             with _steady_load([srv.url]) as answers:
                 wait_until(lambda: len(answers) > 200, 30)
-                t0 = time.monotonic()
+                t0 = time.time()
                 ev = c.post("/admin/promote", json={"reason": "e2e", "actor": "pytest"})
                 assert ev.status_code == 200, ev.text
                 assert ev.json()["to_version"] == "c1"
                 wait_until(lambda: _serving(srv, "c1") == 2, 10)
                 time.sleep(1.0)
                 promoted = _switched_within(answers, t0, "c1")
-                t1 = time.monotonic()
                 done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "rollback", str(cfg),
-                                       "--reason", "e2e"], cwd=ROOT, capture_output=True, text=True)
+                                       "--reason", "e2e", "--json"], cwd=ROOT, capture_output=True, text=True)
                 assert done.returncode == 0, done.stderr
+                t1 = json.loads(done.stdout)["ts"]  # when the switch was recorded
                 wait_until(lambda: _serving(srv, "p1") == 2, 10)
                 time.sleep(1.0)
                 rolled_back = _switched_within(answers, t1, "p1")
@@ -275,10 +277,10 @@ def test_two_service_processes_on_postgresql_switch_together(tmp_path: Path, pg_
     try:
         with _steady_load([s.url for s in servers]) as answers:
             wait_until(lambda: len(answers) > 100, 30)
-            t0 = time.monotonic()
             done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "promote", str(servers[0].config),
-                                   "--reason", "two replicas"], cwd=ROOT, capture_output=True, text=True)
+                                   "--reason", "two replicas", "--json"], cwd=ROOT, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
+            t0 = json.loads(done.stdout)["ts"]
             for s in servers:
                 wait_until(lambda s=s: _serving(s, "c1") == 1, 10)
             time.sleep(1.0)
