@@ -360,6 +360,9 @@ def _switch_metrics(model: str) -> Callable[[Any, bool, str], None]:
                  ["model", "version"], multiprocess_mode="livesum")
     serving = {"version": runtime().guard.version}
     info.labels(model, serving["version"]).set(1)
+    for action in ("promote", "rollback"):  # at zero from the start, so rate() has a series
+        for outcome in ("loaded", "failed"):
+            switches.labels(model, action, outcome)
 
     def on_switch(ev: Any, loaded: bool, version: str) -> None:
         switches.labels(model, str(ev.action), "loaded" if loaded else "failed").inc()
