@@ -36,7 +36,7 @@ from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
 from .performance import challenger_performance, live_performance, metric_gauges
-from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote
+from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote, switches
 from .recorder import Recorder
 from .store.sql import LazyStore
 from .telemetry import ServiceMetrics
@@ -56,6 +56,8 @@ MONITOR_THREADS, MONITOR_QUEUE = 2, 32
 #: for its turn (past that it is a 503 at once): dashboards polling in a tight loop get paced
 #: answers instead of taking the event loop from /predict.
 READS_PER_S, READ_WAIT_S = 10.0, 5.0
+#: Switch events listed by /performance.
+SWITCHES_SHOWN = 20
 #: How long close() may take in all (BentoML's shutdown waits for it).
 CLOSE_TIMEOUT_S = 5.0
 
@@ -318,6 +320,10 @@ class ServingRuntime:
         if self.metrics is not None:
             self.metrics.set_performance(metric_gauges(perf))
         perf["model"] = self.config.name
+        # Which primary the figures are about, and when it changed (newest first).
+        perf["primary_version"] = self.guard.version
+        perf["switches"] = [{k: v for k, v in e.to_dict().items() if k != "to"}
+                            for e in switches(self.store(), limit=SWITCHES_SHOWN)]
         return perf
 
     def _maybe_auto_promote(self, challenger: dict[str, Any]) -> None:

@@ -60,6 +60,10 @@ def test_promote_then_rollback_switches_every_runtime_on_the_store(tmp_path: Pat
     assert [(e.action, e.from_version, e.to_version, e.actor) for e in history] == [
         (Action.ROLLBACK, "c1", "p1", "test"), (Action.PROMOTE, "p1", "c1", "test")]
     assert history[1].reason == "replay better"
+    perf = a.performance()
+    assert perf["primary_version"] == "p1"
+    assert [(e["action"], e["actor"], e["reason"]) for e in perf["switches"]] == [
+        ("rollback", "test", "worse on outcomes"), ("promote", "test", "replay better")]
     # A process that starts after a promotion serves the promoted set from its first request.
     promote(a.store(), config, actor="test")
     late = ServingRuntime(config)
