@@ -3,16 +3,20 @@ judged beside the champion on outcomes by /performance (in process, temporary SQ
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 
 from guarded_serving.adapters import load_model
 from guarded_serving.config import load_config
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import EXAMPLE, features, json_rows, serve
-from .server import write_config
+from .server import Server, write_config
 
 CHALLENGER = {"path": str(EXAMPLE / "fallback.onnx"), "version": "challenger-1"}
 
@@ -84,3 +88,35 @@ def test_no_challenger_no_challenger_figures(tmp_path: Path) -> None:
     perf = rt.performance()
     assert "challenger" not in perf and "challenger" not in perf["overall"]
     rt.close()
+
+
+@pytest.mark.e2e
+def test_a_retrained_challenger_shows_better_on_live_outcomes_over_http(tmp_path: Path) -> None:
+    """The example's retraining script on shifted production rows with outcomes; its candidate
+    served as the challenger on later rows of the same shift, with every true price fed back."""
+    shifted = serve()
+    shifted.iloc[:3000].to_parquet(tmp_path / "export.parquet")
+    candidate = tmp_path / "candidate.onnx"
+    done = subprocess.run([sys.executable, str(EXAMPLE / "retrain.py"), "--export", str(tmp_path / "export.parquet"),
+                           "--out", str(candidate)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cfg = write_config(tmp_path, challenger={"path": str(candidate), "version": "retrained-1"},
+                       store={"flush_seconds": 0.3})
+    live = shifted.iloc[3000:4500]
+    with Server(cfg, workers=2) as srv, httpx.Client(base_url=srv.url, timeout=60.0) as c:
+        for i in range(0, len(live), 50):
+            part = live.iloc[i:i + 50]
+            body = c.post("/predict", json={"rows": json_rows(features(part))}).json()
+            c.post("/feedback", json={"request_id": body["request_id"],
+                                      "outcomes": [float(p) for p in part["price"]]}).raise_for_status()
+        perf = c.get("/performance").json()
+        metrics = c.get("/metrics").text
+    ch = perf["challenger"]
+    print(f"\n{ch['n']} outcomes: challenger mae {ch['candidate']['mae']:.1f} {ch['intervals']['candidate']['mae']}, "
+          f"primary {ch['primary']['mae']:.1f} {ch['intervals']['primary']['mae']}, guarded "
+          f"{ch['guarded']['mae']:.1f} {ch['intervals']['guarded']['mae']}; improvement over guarded "
+          f"{ch['comparisons']['guarded']['improvement']['mae']:.1f} "
+          f"{ch['comparisons']['guarded']['intervals']['mae']}: {ch['verdict']}")
+    assert ch["n"] == len(live) and ch["version"] == "retrained-1"
+    assert ch["verdict"] == "better"
+    assert 'role="challenger"' in metrics
