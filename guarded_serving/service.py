@@ -650,7 +650,8 @@ def _watch_supervisor() -> None:
     parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        # A supervisor killed while this worker was still starting: already reparented (to init).
+        while os.getppid() == parent and parent != 1:
             time.sleep(SUPERVISOR_POLL_S)
         log.warning("the server process %d is gone; stopping this worker", parent)
         os.kill(os.getpid(), signal.SIGTERM)
