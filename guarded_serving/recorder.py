@@ -289,7 +289,9 @@ class Recorder:
         if challenger[0] is not None and challenger[1] is not None:
             scored = challenger[1][rows]
             batch.columns["challenger_prediction"] = scored
-            batch.columns["challenger_version"] = np.where(pd.isna(scored), None, challenger[0].version)
+            version = np.full(len(scored), challenger[0].version, dtype=object)
+            version[pd.isna(scored)] = None
+            batch.columns["challenger_version"] = version
         written, error = self._write(batch)
         if error is None:
             self._count_logged(len(batch), sampled_out)

@@ -19,6 +19,7 @@ import pytest
 from guarded_serving.config import load_config
 from guarded_serving.errors import ConflictError
 from guarded_serving.promotion import Action, current_switch, promote, rollback, switches
+from guarded_serving.report import build_report
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import EXAMPLE, features, json_rows, serve
@@ -177,6 +178,8 @@ def test_auto_promotion_once_the_challenger_is_better_on_enough_outcomes(tmp_pat
     assert ev.actor == "auto_promote" and ev.action == Action.PROMOTE
     rt.performance()
     assert len(switches(rt.store())) == 1, "recorded once"
+    html = build_report(config)  # the report shows the verdict and the switch
+    assert "id=challenger" in html and "id=switches" in html and "auto_promote" in html
     rt.close()
 
 

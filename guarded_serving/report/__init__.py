@@ -13,8 +13,9 @@ from typing import Any
 
 from ..config import ServingConfig
 from ..monitor import evaluate, segments
-from ..performance import live_performance
+from ..performance import challenger_performance, live_performance
 from ..profile import Profile
+from ..promotion import switches
 from .html import render_report
 
 __all__ = ["build_report", "render_report", "report_data"]
@@ -33,6 +34,7 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
         starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
         log = store.joined(since=min(starts) if starts else None, features=False)
         outcomes = store.outcome_rows()
+        switch_events = [e.to_dict() for e in switches(store)]
     finally:
         store.close()
     current = view["current"]
@@ -59,6 +61,10 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
             "reasons": dict(reasons),
         })
     perf = live_performance(outcomes, profile.task, profile.baseline, window_rows=d.window_rows)
+    challenger = challenger_performance(outcomes, profile.task, config.auto_promote.margin)
+    if challenger is not None:
+        perf["challenger"] = challenger
+    perf["switches"] = switch_events
     return {"drift": view, "distributions": distributions, "history": history, "performance": perf,
             "model": config.name}
 
