@@ -649,9 +649,11 @@ def _watch_supervisor() -> None:
 
     parent = os.getppid()
 
+    # A server killed while this worker was still starting: already reparented (to init).
+    orphan = not _is_server(parent)
+
     def watch() -> None:
-        # A supervisor killed while this worker was still starting: already reparented (to init).
-        while os.getppid() == parent and parent != 1:
+        while not orphan and os.getppid() == parent:
             time.sleep(SUPERVISOR_POLL_S)
         log.warning("the server process %d is gone; stopping this worker", parent)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -659,6 +661,18 @@ def _watch_supervisor() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="guarded-supervisor-watch", daemon=True).start()
+
+
+def _is_server(pid: int) -> bool:
+    """Whether ``pid`` is a ``bentoml serve`` process (PID 1 in a container; init or a
+    subreaper when this worker's server is gone). True when that cannot be told."""
+    import psutil
+
+    try:
+        cmd = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return True
+    return "bentoml" in cmd or "guarded_serving" in cmd or "guarded-serving" in cmd
 
 
 def _stop_supervisor(err: GuardedServingError) -> None:
