@@ -124,6 +124,9 @@ class ServingRuntime:
         self._config_guard = self.guard
         self._switch_id = 0
         self._switch_pid = -1
+        # One switch followed at a time (the watcher and /admin may both see one); never taken
+        # on the request path.
+        self._switch_lock = threading.Lock()
         self._follow_switches()  # a process starting after a promotion serves the promoted set
         self._ensure_switch_watcher()
 
@@ -370,6 +373,10 @@ class ServingRuntime:
         set is loaded and warmed here, off the request path, then swapped in as one reference;
         requests in flight keep the set they started with. A set that cannot be loaded leaves
         the old one serving (counted; tried again at the next switch)."""
+        with self._switch_lock:
+            self._follow_newest()
+
+    def _follow_newest(self) -> None:
         try:
             ev = current_switch(self.store())
         except Exception as e:  # the store is down: keep serving what we have
