@@ -21,13 +21,15 @@ import numpy as np
 
 from .adapters import Model
 from .config import ChallengerSpec, ServingConfig
+from .drift.state import DriftState
+from .drift.stats import DriftThresholds, evaluate
 from .errors import ConfigError
 from .guard import REJECTED, load_model_spec, predict_on_columns
 from .profile import Profile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Challenger", "load_challenger", "shadow_challenger"]
+__all__ = ["Challenger", "challenger_drift", "load_challenger", "shadow_challenger"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,18 @@ def shadow_challenger(challenger: Challenger, columns: dict[str, np.ndarray], ro
     except Exception as e:  # a challenger is on trial: its failure is logged, never served
         log.warning("challenger %s failed on %d row(s): %s", challenger.version, idx.size, e)
     return out
+
+
+def challenger_drift(challenger: Challenger, predictions: Any, min_rows: int) -> dict[str, Any]:
+    """The drift of the challenger's logged predictions against its own profile's predictions on
+    training data (as ``/drift`` judges the primary's): ``{"version", "rows", "prediction"}``,
+    ``prediction`` None when its profile records no predictions."""
+    values = np.asarray([v for v in predictions if v is not None], dtype=object)
+    state = DriftState.empty(challenger.profile)
+    if len(values):
+        state.update({}, values)
+    result = evaluate(state, challenger.profile, DriftThresholds(min_rows=min_rows))
+    return {"version": challenger.version, "rows": int(state.rows), "prediction": result["prediction"]}
 
 
 def _values(labels: Any) -> list[Any]:

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .challenger import load_challenger
+from .challenger import Challenger, challenger_drift, load_challenger
 from .codec import dumps
 from .config import ServingConfig
 from .errors import (
@@ -245,6 +245,9 @@ class ServingRuntime:
             self.recorder.flush(self.timeout_s)
             self.flush_drift()
             view = self.monitor.view()
+            challenger = self.recorder.challenger  # None once promoted
+            if challenger is not None:
+                view["challenger"] = self._challenger_drift(challenger, view)
             out = _View(view, dumps(view).encode())
             mine.set_result(out)
             return out
@@ -254,6 +257,17 @@ class ServingRuntime:
                 if self._view is not None and self._view[1] is mine:
                     self._view = None  # an error is not cached
             raise
+
+    def _challenger_drift(self, challenger: Challenger, view: dict[str, Any]) -> dict[str, Any]:
+        """The challenger's prediction drift over the logged rows of the current drift window."""
+        start = (view.get("current") or {}).get("window", {}).get("start")
+        # Drift counts are stamped when the recorder takes a batch, log rows when it was served:
+        # up to a flush interval earlier.
+        since = None if start is None else start - self.config.prediction_log.flush_seconds - 1.0
+        log_rows = self.store().joined(since=since, features=False) if since is not None else None
+        preds = log_rows["challenger_prediction"] if log_rows is not None and \
+            "challenger_prediction" in log_rows else []
+        return challenger_drift(challenger, preds, self.config.drift.min_rows)
 
     def _cached_view(self) -> _View | None:
         """A fresh evaluated view, without waiting or a thread hop; None if there is none."""

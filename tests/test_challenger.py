@@ -120,3 +120,22 @@ def test_a_retrained_challenger_shows_better_on_live_outcomes_over_http(tmp_path
     assert ch["n"] == len(live) and ch["version"] == "retrained-1"
     assert ch["verdict"] == "better"
     assert 'role="challenger"' in metrics
+
+
+def test_drift_shows_the_challengers_prediction_drift_against_its_profile(tmp_path: Path) -> None:
+    rt = _runtime(tmp_path, drift={"min_rows": 50})
+    frame = features(serve()).head(300)
+    for i in range(0, 300, 30):
+        rt.predict(json_rows(frame.iloc[i:i + 30]), request_id=new_request_id())
+    view = rt.drift()
+    ch = view["challenger"]
+    assert ch["version"] == "challenger-1" and ch["rows"] == 300
+    pred = ch["prediction"]
+    assert pred["status"] in {"ok", "warn", "drift"} and pred["psi"] is not None
+    # The same test the primary's predictions get, on the challenger's own answers.
+    expected = load_model(EXAMPLE / "fallback.onnx", task="regression").predict(frame).labels
+    from guarded_serving.challenger import challenger_drift
+
+    direct = challenger_drift(rt.challenger, list(expected), 50)  # type: ignore[arg-type]
+    assert direct["prediction"]["psi"] == pytest.approx(pred["psi"], rel=1e-6)
+    rt.close()
