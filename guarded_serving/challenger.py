@@ -53,13 +53,19 @@ def load_challenger(config: ServingConfig) -> Challenger | None:
     model = load_model_spec(spec, config.task, "challenger")
     profile = Profile.load(spec.profile or config.profile)
     if profile.task != config.task:
-        raise ConfigError(f"challenger.profile: its task is {profile.task!r}, the config's {config.task!r}")
+        raise ConfigError(
+            f"challenger.profile: its task is {profile.task!r}, the config's {config.task!r}"
+        )
     version = str(spec.version or model.version or "")
     return Challenger(model, profile, version, spec.sample_rate, spec)
 
 
-def shadow_challenger(challenger: Challenger, columns: dict[str, np.ndarray], routes: np.ndarray,
-                      rng: np.random.Generator | None = None) -> np.ndarray:
+def shadow_challenger(
+    challenger: Challenger,
+    columns: dict[str, np.ndarray],
+    routes: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """The challenger's answers for the answered rows of a recorded batch (an object array, None
     where it did not score: rejected rows, rows sampled out, a failed call). Never raises."""
     out = np.full(len(routes), None, dtype=object)
@@ -87,7 +93,11 @@ def challenger_drift(challenger: Challenger, predictions: Any, min_rows: int) ->
     if len(values):
         state.update({}, values)
     result = evaluate(state, challenger.profile, DriftThresholds(min_rows=min_rows))
-    return {"version": challenger.version, "rows": int(state.rows), "prediction": result["prediction"]}
+    return {
+        "version": challenger.version,
+        "rows": int(state.rows),
+        "prediction": result["prediction"],
+    }
 
 
 def _values(labels: Any) -> list[Any]:

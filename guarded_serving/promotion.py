@@ -32,8 +32,16 @@ from .profile import Profile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Action", "ModelVersion", "SwitchEvent", "build_guard", "current_switch", "promote",
-           "rollback", "switches"]
+__all__ = [
+    "Action",
+    "ModelVersion",
+    "SwitchEvent",
+    "build_guard",
+    "current_switch",
+    "promote",
+    "rollback",
+    "switches",
+]
 
 #: The events-table kind of a switch.
 SWITCH_EVENT = "model_switch"
@@ -89,22 +97,40 @@ class SwitchEvent:
         return self.to.version
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "ts": self.ts, "action": str(self.action), "actor": self.actor,
-                "reason": self.reason, "from_version": self.from_version, "to_version": self.to_version,
-                "to": self.to.to_dict()}
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "action": str(self.action),
+            "actor": self.actor,
+            "reason": self.reason,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "to": self.to.to_dict(),
+        }
 
     @classmethod
     def from_event(cls, ev: dict[str, Any]) -> SwitchEvent:
         b = ev["body"]
         stack = tuple(ModelVersion.from_dict(d) for d in b["stack"])
-        return cls(int(ev["id"]), float(ev["ts"]), Action(b["action"]), str(b["actor"]),
-                   str(b.get("reason") or ""), str(b["from_version"]), stack[-1], stack)
+        return cls(
+            int(ev["id"]),
+            float(ev["ts"]),
+            Action(b["action"]),
+            str(b["actor"]),
+            str(b.get("reason") or ""),
+            str(b["from_version"]),
+            stack[-1],
+            stack,
+        )
 
 
 def config_primary(config: ServingConfig, version: str | None = None) -> ModelVersion:
     """The config's primary (what serves when no switch is recorded)."""
     if version is None:
-        version = str(config.primary.version or load_model_spec(config.primary, config.task, "primary").version)
+        version = str(
+            config.primary.version
+            or load_model_spec(config.primary, config.task, "primary").version
+        )
     return ModelVersion.of(config.primary, config.profile, version)
 
 
@@ -114,7 +140,9 @@ def challenger_version(config: ServingConfig) -> ModelVersion:
     if spec is None:
         raise ConflictError("the serving config names no challenger to promote (challenger:)")
     version = str(spec.version or load_model_spec(spec, config.task, "challenger").version)
-    model = ModelSpec.model_validate({k: getattr(spec, k) for k in _SPEC_KEYS}, context={"base": Path("/")})
+    model = ModelSpec.model_validate(
+        {k: getattr(spec, k) for k in _SPEC_KEYS}, context={"base": Path("/")}
+    )
     return ModelVersion.of(model, spec.profile or config.profile, version)
 
 
@@ -148,28 +176,54 @@ def rollback(store: Any, config: ServingConfig, actor: str, reason: str = "") ->
     return _record(store, cur, Action.ROLLBACK, actor, reason, cur.stack[-1], cur.stack[:-1])
 
 
-def _record(store: Any, cur: SwitchEvent | None, action: Action, actor: str, reason: str,
-            before: ModelVersion, stack: tuple[ModelVersion, ...]) -> SwitchEvent:
-    body = {"action": str(action), "actor": actor, "reason": reason, "from_version": before.version,
-            "to_version": stack[-1].version, "stack": [m.to_dict() for m in stack]}
+def _record(
+    store: Any,
+    cur: SwitchEvent | None,
+    action: Action,
+    actor: str,
+    reason: str,
+    before: ModelVersion,
+    stack: tuple[ModelVersion, ...],
+) -> SwitchEvent:
+    body = {
+        "action": str(action),
+        "actor": actor,
+        "reason": reason,
+        "from_version": before.version,
+        "to_version": stack[-1].version,
+        "stack": [m.to_dict() for m in stack],
+    }
     new_id = store.add_event_after(SWITCH_EVENT, cur.id if cur is not None else 0, body)
     if new_id is None:
         raise ConflictError("another switch was recorded at the same moment; look again and retry")
     ev = store.last_event(SWITCH_EVENT)
-    return SwitchEvent.from_event(ev if ev is not None and int(ev["id"]) == new_id
-                                  else {"id": new_id, "ts": 0.0, "body": body})
+    return SwitchEvent.from_event(
+        ev
+        if ev is not None and int(ev["id"]) == new_id
+        else {"id": new_id, "ts": 0.0, "body": body}
+    )
 
 
-def build_guard(config: ServingConfig, target: ModelVersion, fallback_from: GuardedModel) -> GuardedModel:
+def build_guard(
+    config: ServingConfig, target: ModelVersion, fallback_from: GuardedModel
+) -> GuardedModel:
     """The model set of ``target``: its primary and profile, the config's policy and budget, the
     running fallback; loaded and warmed (one prediction) before it is returned."""
     spec = ModelSpec.model_validate(target.spec, context={"base": Path("/")})
     primary = load_model_spec(spec, config.task, "primary")
     profile = Profile.load(target.profile)
     if profile.task != config.task:
-        raise GuardedServingError(f"profile {target.profile}: its task is {profile.task!r}, not {config.task!r}")
-    guard = GuardedModel(primary, fallback_from.fallback, profile, config.policy,
-                         config.latency_budget_ms, config.name)
+        raise GuardedServingError(
+            f"profile {target.profile}: its task is {profile.task!r}, not {config.task!r}"
+        )
+    guard = GuardedModel(
+        primary,
+        fallback_from.fallback,
+        profile,
+        config.policy,
+        config.latency_budget_ms,
+        config.name,
+    )
     guard.version = target.version
     guard.predict([_typical_row(profile)], on_reject="mark")  # warm: the first call is slow
     return guard

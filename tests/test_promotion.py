@@ -27,7 +27,11 @@ from .conftest import wait_until
 from .server import ROOT, Server, write_config
 from .test_monitoring import PG_URL, pg_schema  # noqa: F401 - the fixture
 
-CHALLENGER = {"path": str(EXAMPLE / "fallback.onnx"), "version": "c1", "profile": str(EXAMPLE / "profile.json")}
+CHALLENGER = {
+    "path": str(EXAMPLE / "fallback.onnx"),
+    "version": "c1",
+    "profile": str(EXAMPLE / "profile.json"),
+}
 
 
 def _config(tmp_path: Path, **overrides: object):  # noqa: ANN202
@@ -35,7 +39,9 @@ def _config(tmp_path: Path, **overrides: object):  # noqa: ANN202
 
 
 def _version(rt: ServingRuntime) -> str:
-    return rt.predict(json_rows(features(serve()).head(2)), request_id=new_request_id()).primary_version
+    return rt.predict(
+        json_rows(features(serve()).head(2)), request_id=new_request_id()
+    ).primary_version
 
 
 def test_promote_then_rollback_switches_every_runtime_on_the_store(tmp_path: Path) -> None:
@@ -43,14 +49,21 @@ def test_promote_then_rollback_switches_every_runtime_on_the_store(tmp_path: Pat
     a, b = ServingRuntime(config), ServingRuntime(config)
     assert _version(a) == _version(b) == "p1"
     ev = a.switch(Action.PROMOTE, actor="test", reason="replay better")
-    assert (ev["action"], ev["from_version"], ev["to_version"], ev["serving_version"]) == ("promote", "p1", "c1", "c1")
+    assert (ev["action"], ev["from_version"], ev["to_version"], ev["serving_version"]) == (
+        "promote",
+        "p1",
+        "c1",
+        "c1",
+    )
     assert _version(a) == "c1", "the process that recorded it follows at once"
     assert wait_until(lambda: _version(b) == "c1", 5), "another process within seconds"
     result = b.predict(json_rows(features(serve()).head(3)), request_id=new_request_id())
     assert result.to_dict()["primary_version"] == "c1"
     # The promoted model serves (the example's fallback, answering where the checks pass).
-    assert (result.primary_predictions[result.routes == "primary"] ==
-            result.predictions[result.routes == "primary"]).all()
+    assert (
+        result.primary_predictions[result.routes == "primary"]
+        == result.predictions[result.routes == "primary"]
+    ).all()
     with pytest.raises(ConflictError, match="already the primary"):
         promote(a.store(), config, actor="test")
     rollback(a.store(), config, actor="test", reason="worse on outcomes")
@@ -59,12 +72,16 @@ def test_promote_then_rollback_switches_every_runtime_on_the_store(tmp_path: Pat
         rollback(a.store(), config, actor="test")
     history = switches(a.store())
     assert [(e.action, e.from_version, e.to_version, e.actor) for e in history] == [
-        (Action.ROLLBACK, "c1", "p1", "test"), (Action.PROMOTE, "p1", "c1", "test")]
+        (Action.ROLLBACK, "c1", "p1", "test"),
+        (Action.PROMOTE, "p1", "c1", "test"),
+    ]
     assert history[1].reason == "replay better"
     perf = a.performance()
     assert perf["primary_version"] == "p1"
     assert [(e["action"], e["actor"], e["reason"]) for e in perf["switches"]] == [
-        ("rollback", "test", "worse on outcomes"), ("promote", "test", "replay better")]
+        ("rollback", "test", "worse on outcomes"),
+        ("promote", "test", "replay better"),
+    ]
     # A process that starts after a promotion serves the promoted set from its first request.
     promote(a.store(), config, actor="test")
     late = ServingRuntime(config)
@@ -93,8 +110,11 @@ def test_the_log_names_the_primary_that_served_each_row(tmp_path: Path) -> None:
 
 
 def test_requests_in_flight_finish_on_the_model_they_started_with(tmp_path: Path) -> None:
-    config = _config(tmp_path, primary={"callable": "tests.models_for_tests:slow_primary", "version": "slow"},
-                     latency_budget_ms=None)
+    config = _config(
+        tmp_path,
+        primary={"callable": "tests.models_for_tests:slow_primary", "version": "slow"},
+        latency_budget_ms=None,
+    )
     rt = ServingRuntime(config)
     rows = json_rows(features(serve()).head(3))
     out: dict[str, object] = {}
@@ -155,22 +175,31 @@ def constant(data):  # noqa: ANN001, ANN201 - a poor primary, for auto-promotion
 
 
 def test_auto_promotion_once_the_challenger_is_better_on_enough_outcomes(tmp_path: Path) -> None:
-    config = _config(tmp_path, primary={"callable": "tests.test_promotion:constant", "version": "const"},
-                     challenger={**CHALLENGER, "path": str(EXAMPLE / "primary.onnx")},
-                     auto_promote={"enabled": True, "min_outcomes": 100})
+    config = _config(
+        tmp_path,
+        primary={"callable": "tests.test_promotion:constant", "version": "const"},
+        challenger={**CHALLENGER, "path": str(EXAMPLE / "primary.onnx")},
+        auto_promote={"enabled": True, "min_outcomes": 100},
+    )
     rt = ServingRuntime(config)
     df = serve().head(200)
     rows, price = json_rows(features(df)), df["price"].tolist()
     ids = [new_request_id() for _ in range(20)]
     for i, rid in enumerate(ids[:5]):
-        rt.predict(rows[i * 10:(i + 1) * 10], request_id=rid)
+        rt.predict(rows[i * 10 : (i + 1) * 10], request_id=rid)
     assert rt.recorder.flush(10)
-    rt.feedback([(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids[:5]) for j in range(10)])
-    assert rt.performance()["challenger"]["n"] == 50 and _version(rt) == "const", "too few outcomes yet"
+    rt.feedback(
+        [(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids[:5]) for j in range(10)]
+    )
+    assert rt.performance()["challenger"]["n"] == 50 and _version(rt) == "const", (
+        "too few outcomes yet"
+    )
     for i, rid in enumerate(ids[5:], start=5):
-        rt.predict(rows[i * 10:(i + 1) * 10], request_id=rid)
+        rt.predict(rows[i * 10 : (i + 1) * 10], request_id=rid)
     assert rt.recorder.flush(10)
-    rt.feedback([(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids) for j in range(10)][50:])
+    rt.feedback(
+        [(rid, j, float(price[i * 10 + j])) for i, rid in enumerate(ids) for j in range(10)][50:]
+    )
     perf = rt.performance()
     assert perf["challenger"]["verdict"] == "better"
     assert _version(rt) == "c1"
@@ -189,7 +218,9 @@ TOKEN = "promote-t0ken"
 
 
 @contextmanager
-def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float, int, str | None]]]:
+def _steady_load(
+    urls: list[str], threads: int = 4
+) -> Iterator[list[tuple[float, int, str | None]]]:
     """One-row requests in a loop from ``threads`` clients spread over ``urls``, until the block
     ends: (time answered, status, primary_version) per request."""
     rows = json_rows(features(serve()).head(50))
@@ -201,8 +232,13 @@ def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float
             i = k
             while not stop.is_set():
                 r = c.post("/predict", json={"rows": [rows[i % len(rows)]]})
-                out.append((time.time(), r.status_code,
-                            r.json().get("primary_version") if r.status_code == 200 else None))
+                out.append(
+                    (
+                        time.time(),
+                        r.status_code,
+                        r.json().get("primary_version") if r.status_code == 200 else None,
+                    )
+                )
                 i += threads
 
     with ThreadPoolExecutor(threads) as ex:
@@ -214,7 +250,9 @@ def _steady_load(urls: list[str], threads: int = 4) -> Iterator[list[tuple[float
             stop.set()
 
 
-def _switched_within(answers: list[tuple[float, int, str | None]], t0: float, version: str) -> float:
+def _switched_within(
+    answers: list[tuple[float, int, str | None]], t0: float, version: str
+) -> float:
     """Seconds from ``t0`` (wall clock: the switch's ts in the store) to the last answer naming
     another version (0 when none came after t0)."""
     stale = [t for t, _, v in answers if t > t0 and v != version]
@@ -231,20 +269,33 @@ def _serving(srv: Server, version: str) -> float:
 
 @pytest.mark.e2e
 def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, challenger=CHALLENGER, store={"flush_seconds": 0.3},
-                       primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    cfg = write_config(
+        tmp_path,
+        challenger=CHALLENGER,
+        store={"flush_seconds": 0.3},
+        primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"},
+    )
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with Server(cfg, workers=2, env={"GUARDED_SERVING_TOKEN": TOKEN}) as srv:
         df = serve().head(200)
         with httpx.Client(base_url=srv.url, timeout=30.0, headers=auth) as c:
             body = c.post("/predict", json={"rows": json_rows(features(df))}).json()
             assert body["primary_version"] == "p1"
-            c.post("/feedback", json={"request_id": body["request_id"],
-                                      "outcomes": [float(p) for p in df["price"]]}).raise_for_status()
+            c.post(
+                "/feedback",
+                json={
+                    "request_id": body["request_id"],
+                    "outcomes": [float(p) for p in df["price"]],
+                },
+            ).raise_for_status()
             perf = c.get("/performance").json()
-            assert perf["overall"]["challenger"]["n"] == 200 and perf["challenger"]["version"] == "c1"
+            assert (
+                perf["overall"]["challenger"]["n"] == 200 and perf["challenger"]["version"] == "c1"
+            )
             assert "intervals" in perf["challenger"]
-            assert httpx.post(srv.url + "/admin/promote").status_code == 401, "the token is required"
+            assert httpx.post(srv.url + "/admin/promote").status_code == 401, (
+                "the token is required"
+            )
             with _steady_load([srv.url]) as answers:
                 wait_until(lambda: len(answers) > 200, 30)
                 t0 = time.time()
@@ -254,8 +305,21 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
                 wait_until(lambda: _serving(srv, "c1") == 2, 10)
                 time.sleep(1.0)
                 promoted = _switched_within(answers, t0, "c1")
-                done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "rollback", str(cfg),
-                                       "--reason", "e2e", "--json"], cwd=ROOT, capture_output=True, text=True)
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "guarded_serving.cli",
+                        "rollback",
+                        str(cfg),
+                        "--reason",
+                        "e2e",
+                        "--json",
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
                 assert done.returncode == 0, done.stderr
                 t1 = json.loads(done.stdout)["ts"]  # when the switch was recorded
                 wait_until(lambda: _serving(srv, "p1") == 2, 10)
@@ -263,8 +327,10 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
                 rolled_back = _switched_within(answers, t1, "p1")
             statuses = [s for _, s, _ in answers]
             metrics = httpx.get(srv.url + "/metrics").text
-        print(f"\n{len(answers)} answers, non-2xx {sum(s >= 300 for s in statuses)}; promote followed "
-              f"by every answer within {promoted:.2f} s, rollback within {rolled_back:.2f} s")
+        print(
+            f"\n{len(answers)} answers, non-2xx {sum(s >= 300 for s in statuses)}; promote followed "
+            f"by every answer within {promoted:.2f} s, rollback within {rolled_back:.2f} s"
+        )
         assert all(200 <= s < 300 for s in statuses)
         assert promoted < 5.0 and rolled_back < 5.0
         assert 'action="promote"' in metrics and 'action="rollback"' in metrics
@@ -272,20 +338,44 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.postgres
-def test_two_service_processes_on_postgresql_switch_together(tmp_path: Path, pg_schema: str) -> None:  # noqa: F811
+def test_two_service_processes_on_postgresql_switch_together(
+    tmp_path: Path,
+    pg_schema: str,  # noqa: F811 - the fixture
+) -> None:
     store = {"url": PG_URL, "table_prefix": pg_schema, "flush_seconds": 0.3}
     servers = []
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
-        servers.append(Server(write_config(tmp_path / d, challenger=CHALLENGER, store=store,
-                                           primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})))
+        servers.append(
+            Server(
+                write_config(
+                    tmp_path / d,
+                    challenger=CHALLENGER,
+                    store=store,
+                    primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"},
+                )
+            )
+        )
     with ThreadPoolExecutor(2) as ex:
         list(ex.map(lambda s: s.start(), servers))
     try:
         with _steady_load([s.url for s in servers]) as answers:
             wait_until(lambda: len(answers) > 100, 30)
-            done = subprocess.run([sys.executable, "-m", "guarded_serving.cli", "promote", str(servers[0].config),
-                                   "--reason", "two replicas", "--json"], cwd=ROOT, capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "guarded_serving.cli",
+                    "promote",
+                    str(servers[0].config),
+                    "--reason",
+                    "two replicas",
+                    "--json",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             assert done.returncode == 0, done.stderr
             t0 = json.loads(done.stdout)["ts"]
             for s in servers:
