@@ -537,6 +537,29 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return _replay_status(result)
 
 
+def cmd_switch(args: argparse.Namespace) -> int:
+    """promote / rollback: record the switch in the store; serving processes follow within seconds."""
+    import getpass
+
+    from .config import load_config
+    from .promotion import Action, promote, rollback
+    from .store.sql import Store
+
+    config = load_config(args.config)
+    store = Store(config.store.url, prefix=config.store.table_prefix, timeout_s=config.store.timeout_seconds)
+    try:
+        fn = promote if args.action == Action.PROMOTE else rollback
+        ev = fn(store, config, actor=args.actor or f"cli:{getpass.getuser()}", reason=args.reason)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(ev.to_dict()))
+    else:
+        print(f"switch {ev.id}: {ev.action} from version {ev.from_version} to {ev.to_version} "
+              f"({store.url_display}); serving processes follow within a few seconds")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ProfileError
@@ -712,6 +735,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run and its replay as JSON")
     p.set_defaults(func=cmd_retrain)
 
+
+    for action, text in (("promote", "make the config's challenger the primary of every serving process"),
+                         ("rollback", "go back to the primary before the last promotion")):
+        p = sub.add_parser(action, help=f"{text} (recorded in the store; no restart)")
+        p.add_argument("config", help="serving config (its store: and challenger:)")
+        p.add_argument("--reason", default="", help="why, kept with the switch event")
+        p.add_argument("--actor", default=None, help="who (default cli:<user>)")
+        p.add_argument("--json", action="store_true", help="print the switch event as JSON")
+        p.set_defaults(func=cmd_switch, action=action)
 
     p = sub.add_parser("estimate", help="estimate accuracy or error of the primary, the fallback and "
                                         "the guarded service on a file without outcomes")

@@ -146,6 +146,24 @@ class ModelSpec(_Section):
         return self
 
 
+class ChallengerSpec(ModelSpec):
+    """A model scored in shadow beside the primary (see challenger.py), and what ``promote`` makes
+    the primary: its model, the profile its checks use (default: the primary's), and the share of
+    answered rows it scores."""
+
+    profile: Annotated[Path | None, BeforeValidator(_resolve), AfterValidator(_exists)] = None
+    sample_rate: Annotated[float, Ge(0.0), Le(1.0)] = 1.0
+
+
+class AutoPromoteConfig(_Section):
+    """Promote the challenger by itself once, on at least ``min_outcomes`` logged outcomes, the
+    bootstrap interval of its improvement over the guarded service lies above ``margin``."""
+
+    enabled: bool = False
+    min_outcomes: PositiveInt = 500
+    margin: Annotated[float, Ge(0)] = 0.0
+
+
 class TracingConfig(_Section):
     #: OTLP endpoint; None: export nothing from the config (BentoML's or OTEL_* settings may apply).
     endpoint: str | None = None
@@ -263,6 +281,9 @@ class ServingConfig(_Section):
     time_index: Annotated[tuple[str, ...], BeforeValidator(_names)] = ()
     #: How to retrain the primary on production data (``guarded-serving retrain``); see retrain.py.
     retrain: Annotated[RetrainSpec | None, PlainValidator(_retrain)] = None
+    #: A model run in shadow on live traffic, the one ``promote`` makes the primary.
+    challenger: ChallengerSpec | None = None
+    auto_promote: AutoPromoteConfig = Field(default_factory=AutoPromoteConfig)
     #: The file this config was read from (set by ``load_config``, not a key of the file).
     source: Path | None = Field(default=None, exclude=True)
 

@@ -80,6 +80,8 @@ class GuardedResult:
     extra_columns: list[str] = field(default_factory=list)
     verdicts: Verdicts | None = None
     reason_counts: dict[str, int] = field(default_factory=dict)
+    #: The version of the primary of the model set that served the batch (see promotion.py).
+    primary_version: str | None = None
 
     @property
     def features(self) -> pd.DataFrame | None:
@@ -102,6 +104,8 @@ class GuardedResult:
             out["classes"] = list(self.classes or [])
         if self.extra_columns:
             out["extra_columns"] = self.extra_columns
+        if self.primary_version is not None:
+            out["primary_version"] = self.primary_version
         return out
 
 
@@ -139,6 +143,8 @@ class GuardedModel:
         self.executor = BoundedExecutor("guarded-primary", threads=primary_threads, queue=PRIMARY_QUEUE)
         self.breaker = CircuitBreaker(BREAKER_FAILURES, BREAKER_OPEN_S)
         self._inline_streak = 0
+        #: Named in every answer and span, so a client sees which primary served it.
+        self.version = str(primary.version or "")
 
     @classmethod
     def from_config(cls, config: ServingConfig) -> GuardedModel:
@@ -146,8 +152,8 @@ class GuardedModel:
         profile = Profile.load(config.profile)
         if profile.task != config.task:
             raise ConfigError(f"task: the config says {config.task!r} but the profile says {profile.task!r}")
-        primary = _load(config.primary, config.task, "primary")
-        fallback = _load(config.fallback, config.task, "fallback")
+        primary = load_model_spec(config.primary, config.task, "primary")
+        fallback = load_model_spec(config.fallback, config.task, "fallback")
         return cls(primary, fallback, profile, config.policy, config.latency_budget_ms, config.name)
 
     # -- prediction --------------------------------------------------------------------------
@@ -186,6 +192,7 @@ class GuardedModel:
         t0 = time.perf_counter()
         with _child_span("guarded_serving.predict") as span:
             span.set_attribute("guarded_serving.model.name", self.name)
+            span.set_attribute("guarded_serving.primary.version", self.version)
             if request_id:
                 span.set_attribute("guarded_serving.request.id", request_id)
             with _child_span("guarded_serving.validate") as vspan:
@@ -266,6 +273,7 @@ class GuardedModel:
             result.extra_columns = verdicts.extra_columns
             result.verdicts = verdicts
             result.reason_counts = reason_counts
+            result.primary_version = self.version
             counts = result.route_counts()
             span.set_attribute("guarded_serving.rows.primary", counts.get(PRIMARY, 0))
             span.set_attribute("guarded_serving.rows.fallback", counts.get(FALLBACK_ROUTE, 0))
@@ -483,7 +491,8 @@ def _align(pred: Prediction, classes: list[Any]) -> np.ndarray:
     return out
 
 
-def _load(spec: ModelSpec, task: str, role: str) -> Model:
+def load_model_spec(spec: ModelSpec, task: str, role: str) -> Model:
+    """The model a config's spec names (a file, a BentoML model-store tag or a callable)."""
     kw: dict[str, Any] = {}
     if spec.name:
         kw["name"] = spec.name

@@ -29,11 +29,13 @@ import pandas as pd
 from .codec import jsonable
 from .scoring import score
 
-__all__ = ["live_performance", "metric_gauges", "realized_beside"]
+__all__ = ["challenger_performance", "live_performance", "metric_gauges", "realized_beside"]
 
-ROLES = {"guarded": "prediction", "primary": "primary_prediction", "fallback": "fallback_prediction"}
+ROLES = {"guarded": "prediction", "primary": "primary_prediction", "fallback": "fallback_prediction",
+         "challenger": "challenger_prediction"}
 #: Key of each role's probabilities in the log's ``probabilities`` column.
-PROBABILITY_KEYS = {"guarded": "served", "primary": "primary", "fallback": "fallback"}
+PROBABILITY_KEYS = {"guarded": "served", "primary": "primary", "fallback": "fallback",
+                    "challenger": "challenger"}
 ROUTES = ("primary", "fallback")
 GAUGE = "guarded_serving_live_metric"
 
@@ -110,6 +112,27 @@ def realized_beside(windows: list[dict[str, Any]], df: pd.DataFrame, task: str) 
     return jsonable(out)  # type: ignore[no-any-return]
 
 
+def challenger_performance(df: pd.DataFrame, task: str, margin: float = 0.0) -> dict[str, Any] | None:
+    """The challenger against the live models on the logged rows it scored that have outcomes,
+    as ``replay`` judges a candidate (bootstrap intervals, verdict against the guarded service);
+    None when it scored none. Only rows of one challenger version count: the newest logged."""
+    from .replay import replay
+
+    rows = _with_outcomes(df, task)
+    if "challenger_prediction" not in rows or "challenger_version" not in rows:
+        return None
+    versions = rows["challenger_version"].to_numpy()
+    scored = ~pd.isna(rows["challenger_prediction"]).to_numpy() & ~pd.isna(versions)
+    if not scored.any():
+        return None
+    version = versions[np.flatnonzero(scored)[-1]]
+    rows = rows[scored & (versions == version)].reset_index(drop=True)
+    result = replay(rows, rows["challenger_prediction"].to_numpy(), task, target="outcome", margin=margin)
+    out = result.to_dict()
+    out["version"] = str(version)
+    return jsonable(out)
+
+
 # -- internals -----------------------------------------------------------------------------------
 
 
@@ -127,7 +150,9 @@ def _with_outcomes(df: pd.DataFrame, task: str) -> pd.DataFrame:
 
 
 def _metrics(rows: pd.DataFrame, task: str) -> dict[str, dict[str, float]]:
-    return {role: _score_role(rows, task, role) for role in ROLES}
+    # The challenger's figures appear only where one was scored (a config with a challenger).
+    return {role: _score_role(rows, task, role) for role, col in ROLES.items()
+            if role != "challenger" or (col in rows and rows[col].notna().any())}
 
 
 def _predicted(rows: pd.DataFrame, task: str, role: str) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .challenger import Challenger, shadow_challenger
 from .config import ServingConfig
 from .drift.state import DriftState
 from .errors import ConfigError, StoreError
@@ -116,6 +117,11 @@ class Recorder:
         }
         self._pid = -1
         self._last_warning = 0.0
+        #: Scored in shadow on the answered rows of each recorded batch (set by the runtime; one
+        #: reference, swapped whole on a promotion).
+        self.challenger: Challenger | None = None
+        #: The primary of the serving model set, for its shadow on fallback rows (swapped on a switch).
+        self.primary_model = guard.primary
 
     @property
     def active(self) -> bool:
@@ -272,7 +278,7 @@ class Recorder:
         if self.shadow_fallback:
             shadow_into(self.guard.fallback, cols, (routes != REJECTED) & pd.isna(fallback), fallback)
         if self.shadow_primary:
-            shadow_into(self.guard.primary, cols, (routes == FALLBACK_ROUTE) & pd.isna(primary), primary)
+            shadow_into(self.primary_model, cols, (routes == FALLBACK_ROUTE) & pd.isna(primary), primary)
         if self._drift is not None:
             keep = routes != REJECTED
             seen = cols if keep.all() else {k: v[keep] for k, v in cols.items()}
@@ -282,10 +288,13 @@ class Recorder:
                 self._drift.update(seen, primary[keep] if not keep.all() else primary)
                 self._tally = _merged(self._tally, tally)
         if self.log_enabled:
-            self._log(items, cols, routes, primary, fallback)
+            challenger = self.challenger
+            scored = None if challenger is None else shadow_challenger(challenger, cols, routes)
+            self._log(items, cols, routes, primary, fallback, (challenger, scored))
 
     def _log(self, items: list[_Item], cols: dict[str, np.ndarray], routes: np.ndarray,
-             primary: np.ndarray, fallback: np.ndarray) -> None:
+             primary: np.ndarray, fallback: np.ndarray,
+             challenger: tuple[Challenger | None, np.ndarray | None] = (None, None)) -> None:
         sizes = np.array([it.result.n_rows for it in items])
         chosen = np.array([it.logged for it in items])
         rows = np.repeat(chosen, sizes)
@@ -295,6 +304,12 @@ class Recorder:
             self._count_logged(0, sampled_out)
             return
         batch = self._batch([it for it in items if it.logged], rows, cols, routes, primary, fallback)
+        if challenger[0] is not None and challenger[1] is not None:
+            scored = challenger[1][rows]
+            batch.columns["challenger_prediction"] = scored
+            version = np.full(len(scored), challenger[0].version, dtype=object)
+            version[pd.isna(scored)] = None
+            batch.columns["challenger_version"] = version
         written, error = self._write(batch)
         if error is None:
             self._count_logged(len(batch), sampled_out)
@@ -322,6 +337,10 @@ class Recorder:
         }
         for k, v in self._model_columns.items():
             columns[k] = np.full(n, v, dtype=object)
+        if any(it.result.primary_version is not None for it in items):  # the set that served it
+            columns["primary_version"] = np.repeat(np.array(
+                [it.result.primary_version or self._model_columns["primary_version"] for it in items],
+                dtype=object), sizes)
         if any(it.result.probabilities is not None for it in items):
             probs: list[Any] = []
             for it in items:

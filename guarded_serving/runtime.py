@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from .challenger import Challenger, challenger_drift, load_challenger
 from .codec import dumps
 from .config import ServingConfig
 from .errors import (
@@ -35,7 +36,8 @@ from .executors import BoundedExecutor, ExecutorBusyError
 from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
 from .monitor import DriftMonitor
-from .performance import live_performance, metric_gauges, realized_beside
+from .performance import challenger_performance, live_performance, metric_gauges, realized_beside
+from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote, switches
 from .recorder import Recorder
 from .store.sql import LazyStore
 from .telemetry import ServiceMetrics
@@ -55,6 +57,8 @@ MONITOR_THREADS, MONITOR_QUEUE = 2, 32
 #: for its turn (past that it is a 503 at once): dashboards polling in a tight loop get paced
 #: answers instead of taking the event loop from /predict.
 READS_PER_S, READ_WAIT_S = 10.0, 5.0
+#: Switch events listed by /performance.
+SWITCHES_SHOWN = 20
 #: How long close() may take in all (BentoML's shutdown waits for it).
 CLOSE_TIMEOUT_S = 5.0
 
@@ -119,6 +123,19 @@ class ServingRuntime:
         self._view_lock = threading.Lock()  # guards _view only; never held across I/O
         self._last_purge = 0.0
         self._next_read = 0.0  # event-loop time of the next free read slot
+        self.challenger = load_challenger(config)
+        self.recorder.challenger = self.challenger
+        #: Told of every switch this process follows: (event, loaded); must not raise.
+        self.on_switch: Any = None
+        self.switch_failures = 0
+        self._config_guard = self.guard
+        self._switch_id = 0
+        self._switch_pid = -1
+        # One switch followed at a time (the watcher and /admin may both see one); never taken
+        # on the request path.
+        self._switch_lock = threading.Lock()
+        self._follow_switches()  # a process starting after a promotion serves the promoted set
+        self._ensure_switch_watcher()
 
     def _on_drop(self, n: int, stage: str) -> None:
         if self.metrics is not None:
@@ -235,6 +252,9 @@ class ServingRuntime:
             self.recorder.flush(self.timeout_s)
             self.flush_drift()
             view = self.monitor.view()
+            challenger = self.recorder.challenger  # None once promoted
+            if challenger is not None:
+                view["challenger"] = self._challenger_drift(challenger, view)
             out = _View(view, dumps(view).encode())
             mine.set_result(out)
             return out
@@ -244,6 +264,17 @@ class ServingRuntime:
                 if self._view is not None and self._view[1] is mine:
                     self._view = None  # an error is not cached
             raise
+
+    def _challenger_drift(self, challenger: Challenger, view: dict[str, Any]) -> dict[str, Any]:
+        """The challenger's prediction drift over the logged rows of the current drift window."""
+        start = (view.get("current") or {}).get("window", {}).get("start")
+        # Drift counts are stamped when the recorder takes a batch, log rows when it was served:
+        # up to a flush interval earlier.
+        since = None if start is None else start - self.config.prediction_log.flush_seconds - 1.0
+        log_rows = self.store().joined(since=since, features=False) if since is not None else None
+        preds = log_rows["challenger_prediction"] if log_rows is not None and \
+            "challenger_prediction" in log_rows else []
+        return challenger_drift(challenger, preds, self.config.drift.min_rows)
 
     def _cached_view(self) -> _View | None:
         """A fresh evaluated view, without waiting or a thread hop; None if there is none."""
@@ -306,11 +337,19 @@ class ServingRuntime:
         df = self.store().outcome_rows(since=since)
         perf = live_performance(df, self.profile.task, self.profile.baseline,
                                 window_rows=window_rows or self.config.drift.window_rows)
+        challenger = challenger_performance(df, self.profile.task, self.config.auto_promote.margin)
+        if challenger is not None:
+            perf["challenger"] = challenger
+            self._maybe_auto_promote(challenger)
         if self.metrics is not None:
             self.metrics.set_performance(metric_gauges(perf))
         if self.estimates is not None:
             perf["estimated"] = self.estimated(df)
         perf["model"] = self.config.name
+        # Which primary the figures are about, and when it changed (newest first).
+        perf["primary_version"] = self.guard.version
+        perf["switches"] = [{k: v for k, v in e.to_dict().items() if k != "to"}
+                            for e in switches(self.store(), limit=SWITCHES_SHOWN)]
         return perf
 
     def estimated(self, outcomes: Any = None) -> dict[str, Any]:
@@ -328,6 +367,17 @@ class ServingRuntime:
                     view["current"] = {**view["current"], "realized": w["realized"]}
         return view
 
+    def _maybe_auto_promote(self, challenger: dict[str, Any]) -> None:
+        ap, ch = self.config.auto_promote, self.challenger
+        if not ap.enabled or ch is None or ch.version == self.guard.version:
+            return
+        if challenger.get("n", 0) >= ap.min_outcomes and challenger.get("verdict") == "better":
+            try:
+                self.switch(Action.PROMOTE, "auto_promote",
+                            f"challenger better than the guarded service on {challenger['n']} outcomes")
+            except GuardedServingError as e:  # another process promoted first: fine
+                log.info("auto-promotion not recorded: %s", e.message)
+
     async def aperformance(self, since: float | None = None, window_rows: int | None = None) -> dict[str, Any]:
         """``performance`` on the monitoring executor, bounded by the store timeout."""
         await self._paced()
@@ -344,8 +394,79 @@ class ServingRuntime:
 
     # -- background work ---------------------------------------------------------------------
 
+    # -- promotion and rollback (promotion.py) -------------------------------------------------
+
+    def _ensure_switch_watcher(self) -> None:
+        if self._switch_pid == os.getpid():
+            return
+        self._switch_pid = os.getpid()
+        threading.Thread(target=self._watch_switches, name="guarded-switches", daemon=True).start()
+
+    def _watch_switches(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._follow_switches()
+
+    def _follow_switches(self) -> None:
+        """Serve the newest recorded switch's model set, if this process does not yet. The new
+        set is loaded and warmed here, off the request path, then swapped in as one reference;
+        requests in flight keep the set they started with. A set that cannot be loaded leaves
+        the old one serving (counted; tried again at the next switch)."""
+        with self._switch_lock:
+            self._follow_newest()
+
+    def _follow_newest(self) -> None:
+        try:
+            ev = current_switch(self.store())
+        except Exception as e:  # the store is down: keep serving what we have
+            log.debug("could not look for model switches: %s", e)
+            return
+        new_id = ev.id if ev is not None else 0
+        if new_id == self._switch_id:
+            return
+        self._switch_id = new_id
+        try:
+            guard = self._config_guard if ev is None else build_guard(self.config, ev.to, self._config_guard)
+        except Exception as e:
+            self.switch_failures += 1
+            log.error("model switch %s to %s could not be loaded; version %s keeps serving: %s",
+                      new_id, ev.to_version if ev else "?", self.guard.version, e)
+            self._switched(ev, False)
+            return
+        old = self.guard
+        self.guard = guard  # the one reference the request path reads
+        self.profile = guard.profile
+        self.recorder.primary_model = guard.primary
+        ch = self.challenger
+        self.recorder.challenger = ch if ch is not None and ch.version != guard.version else None
+        if ev is not None:
+            log.warning("model switch %d: %s from %s to %s by %s (%s)", ev.id, ev.action,
+                        old.version, guard.version, ev.actor, ev.reason or "no reason given")
+        self._switched(ev, True)
+
+    def _switched(self, ev: SwitchEvent | None, loaded: bool) -> None:
+        if self.on_switch is not None and ev is not None:
+            try:
+                self.on_switch(ev, loaded, self.guard.version)
+            except Exception:  # noqa: BLE001
+                log.exception("on_switch callback failed")
+
+    def switch(self, action: Action, actor: str, reason: str = "") -> dict[str, Any]:
+        """Record a promotion of the config's challenger, or a rollback; this process follows it
+        at once, the others within ``POLL_S``."""
+        from .promotion import rollback
+
+        fn = promote if action == Action.PROMOTE else rollback
+        ev = fn(self.store(), self.config, actor=actor, reason=reason)
+        self._follow_switches()
+        return {**ev.to_dict(), "serving_version": self.guard.version}
+
+    async def aswitch(self, action: Action, actor: str, reason: str = "") -> dict[str, Any]:
+        """``switch`` on the monitoring executor (loading a model may take a while)."""
+        return await self._monitoring(self.switch, action, actor, reason, extra=30.0)
+
     def _ensure_flusher(self) -> None:
         # Started on first use in each worker: a thread started before BentoML forks would not survive.
+        self._ensure_switch_watcher()
         if self._flusher_pid == os.getpid():
             return
         with self._view_lock:

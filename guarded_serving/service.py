@@ -107,7 +107,8 @@ PUBLIC_MESSAGE = {
 #: Status counted for a client that went away before its request was read (nginx's convention).
 CLIENT_CLOSED = 499
 #: Paths of the Starlette app below; every other path is BentoML's.
-OWN_PATHS = frozenset({"/predict", "/feedback", "/profile", "/drift", "/performance"})
+OWN_PATHS = frozenset({"/predict", "/feedback", "/profile", "/drift", "/performance",
+                       "/admin/promote", "/admin/rollback"})
 HEALTH_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 #: Documents the service publishes in place of BentoML's (which know nothing of our routes).
 OPENAPI_PATHS = frozenset({"/docs.json", "/openapi.json"})
@@ -322,6 +323,57 @@ async def performance(request: Request) -> Response:
     return _json(await runtime().aperformance(since, rows))
 
 
+async def _switch(request: Request, action: str) -> Response:
+    """Record a promotion or rollback (promotion.py). Only with a token configured: a service
+    without one would let anyone replace its model."""
+    from .promotion import Action
+
+    rt = runtime()
+    if not os.environ.get(rt.config.auth.token_env):
+        raise UnauthorizedError(f"/admin routes need a token: set ${rt.config.auth.token_env} on the server")
+    raw = await request.body()
+    body = await _read_json(request) if raw.strip() else {}
+    if not isinstance(body, dict) or not all(isinstance(body.get(k, ""), str) for k in ("actor", "reason")):
+        raise PayloadError('expected an object such as {"reason": "replay better", "actor": "ci"}')
+    actor = body.get("actor") or f"http:{_client(request.scope)}"
+    return _json(await rt.aswitch(Action(action), actor, body.get("reason", "")))
+
+
+@_endpoint
+async def admin_promote(request: Request) -> Response:
+    return await _switch(request, "promote")
+
+
+@_endpoint
+async def admin_rollback(request: Request) -> Response:
+    return await _switch(request, "rollback")
+
+
+def _switch_metrics(model: str) -> Callable[[Any, bool, str], None]:
+    """guarded_serving_model_switches_total{action, outcome} and guarded_serving_primary_info
+    {version} (1 in each worker for the version it serves; summed over live workers)."""
+    from prometheus_client import Counter, Gauge
+
+    switches = Counter("guarded_serving_model_switches", "Model switches this worker followed, by "
+                       "action (promote, rollback) and outcome (loaded, failed).", ["model", "action", "outcome"])
+    info = Gauge("guarded_serving_primary_info", "1 for the primary version a worker serves.",
+                 ["model", "version"], multiprocess_mode="livesum")
+    serving = {"version": runtime().guard.version}
+    info.labels(model, serving["version"]).set(1)
+    for action in ("promote", "rollback"):  # at zero from the start, so rate() has a series
+        for outcome in ("loaded", "failed"):
+            switches.labels(model, action, outcome)
+
+    def on_switch(ev: Any, loaded: bool, version: str) -> None:
+        switches.labels(model, str(ev.action), "loaded" if loaded else "failed").inc()
+        if loaded and version != serving["version"]:
+            info.labels(model, serving["version"]).set(0)
+            info.labels(model, version).set(1)
+            serving["version"] = version
+
+    return on_switch
+
+
 def _number_param(request: Request, name: str) -> float | None:
     v = request.query_params.get(name)
     if v is None:
@@ -359,6 +411,8 @@ app = Starlette(
         Route("/profile", profile, methods=["GET"]),
         Route("/drift", drift, methods=["GET"]),
         Route("/performance", performance, methods=["GET"]),
+        Route("/admin/promote", admin_promote, methods=["POST"]),
+        Route("/admin/rollback", admin_rollback, methods=["POST"]),
     ],
     exception_handlers={404: _http_error, 405: _http_error},
 )
@@ -561,6 +615,7 @@ class GuardedService:
 
         _auth_failures = Counter("guarded_serving_auth_failures", "Requests refused by the token "
                                  "check, by reason: missing, invalid, rate_limited.", ["model", "reason"])
+        _runtime.on_switch = _switch_metrics(CONFIG.name)
         log.info("serving %s (primary %s, fallback %s)", CONFIG.name, _runtime.guard.primary.name,
                  _runtime.guard.fallback.name)
         # Everything alive now (BentoML, pandas, the models: ~150k objects) lives as long as the
@@ -594,8 +649,11 @@ def _watch_supervisor() -> None:
 
     parent = os.getppid()
 
+    # A server killed while this worker was still starting: already reparented (to init).
+    orphan = not _is_server(parent)
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while not orphan and os.getppid() == parent:
             time.sleep(SUPERVISOR_POLL_S)
         log.warning("the server process %d is gone; stopping this worker", parent)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -603,6 +661,18 @@ def _watch_supervisor() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="guarded-supervisor-watch", daemon=True).start()
+
+
+def _is_server(pid: int) -> bool:
+    """Whether ``pid`` is a ``bentoml serve`` process (PID 1 in a container; init or a
+    subreaper when this worker's server is gone). True when that cannot be told."""
+    import psutil
+
+    try:
+        cmd = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return True
+    return "bentoml" in cmd or "guarded_serving" in cmd or "guarded-serving" in cmd
 
 
 def _stop_supervisor(err: GuardedServingError) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from ..config import ServingConfig
 from ..estimates import estimated_view
 from ..monitor import evaluate, segments
-from ..performance import live_performance, realized_beside
+from ..performance import challenger_performance, live_performance, realized_beside
 from ..profile import Profile
+from ..promotion import switches
 from .html import render_report
 
 __all__ = ["build_report", "render_report", "report_data"]
@@ -35,6 +36,7 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
         starts = [w["start"] for w in view.get("windows") or [] if w.get("start") is not None]
         log = store.joined(since=min(starts) if starts else None, features=False)
         outcomes = store.outcome_rows()
+        switch_events = [e.to_dict() for e in switches(store)]
     finally:
         store.close()
     current = view["current"]
@@ -65,6 +67,10 @@ def report_data(config: ServingConfig) -> dict[str, Any]:
     estimated = estimated_view(segs, windows, view, profile.baseline or {}, d.min_rows,
                                config.estimation.alert_margin)
     estimated["windows"] = realized_beside(estimated["windows"], outcomes, profile.task)
+    challenger = challenger_performance(outcomes, profile.task, config.auto_promote.margin)
+    if challenger is not None:
+        perf["challenger"] = challenger
+    perf["switches"] = switch_events
     return {"drift": view, "distributions": distributions, "history": history, "performance": perf,
             "estimated": estimated, "model": config.name}
 

@@ -148,7 +148,7 @@ def _performance(perf: dict[str, Any]) -> str:
             "<table id=performance><tr><th>rows routed to</th><th>model</th><th>rows</th><th>metrics</th></tr>"]
     sections = [("all", perf.get("overall") or {})] + list((perf.get("by_route") or {}).items())
     for route, by_model in sections:
-        for model in ("guarded", "primary", "fallback"):
+        for model in ("guarded", "primary", "fallback", "challenger"):
             ms = by_model.get(model)
             if not ms:
                 continue
@@ -169,7 +169,32 @@ def _performance(perf: dict[str, Any]) -> str:
             f'{_num(impact.get("fallback_rows"))} rows routed to the fallback, {escape(str(impact.get("metric")))} '
             f'primary {_num(impact.get("primary_on_fallback_rows"))} vs fallback '
             f'{_num(impact.get("fallback_on_fallback_rows"))}: {verdict}.</div>')
-    return "".join(rows)
+    return "".join(rows) + _challenger(perf)
+
+
+def _challenger(perf: dict[str, Any]) -> str:
+    """The challenger's verdict against the guarded service, and the model switches (promotion.py)."""
+    out = []
+    ch = perf.get("challenger") or {}
+    cmp = (ch.get("comparisons") or {}).get("guarded") or {}
+    if cmp:
+        metric = str(cmp.get("metric"))
+        lo, hi = (cmp.get("intervals") or {}).get(metric) or [None, None]
+        out.append(f'<div class="callout {"ok" if ch.get("verdict") == "better" else "warn"}" id=challenger>'
+                   f'Challenger {escape(str(ch.get("version")))} against the guarded service on '
+                   f'{_num(cmp.get("n"))} rows: {escape(metric)} improvement '
+                   f'{_num((cmp.get("improvement") or {}).get(metric))} [{_num(lo)}, {_num(hi)}]: '
+                   f'{escape(str(ch.get("verdict")))}.</div>')
+    events = perf.get("switches") or []
+    if events:
+        out.append("<h2>Model switches</h2><table id=switches><tr><th>time</th><th>action</th><th>from</th>"
+                   "<th>to</th><th>actor</th><th>reason</th></tr>")
+        for e in events:
+            out.append(f'<tr><td>{escape(_when(e.get("ts")))}</td><td>{escape(str(e.get("action")))}</td>'
+                       f'<td>{escape(str(e.get("from_version")))}</td><td>{escape(str(e.get("to_version")))}</td>'
+                       f'<td>{escape(str(e.get("actor")))}</td><td>{escape(str(e.get("reason") or ""))}</td></tr>')
+        out.append("</table>")
+    return "".join(out)
 
 
 def _estimated(est: dict[str, Any], task: str | None) -> str:

@@ -29,10 +29,11 @@ from ..codec import dumps, loads
 LOG_COLUMNS = (
     "ts", "model", "primary_model", "primary_version", "fallback_model", "fallback_version",
     "route", "reasons", "prediction", "primary_prediction", "fallback_prediction",
-    "probabilities", "latency_ms",
+    "probabilities", "latency_ms", "challenger_prediction", "challenger_version",
 )
 #: Columns whose values may be any JSON value (labels of a classifier, probabilities).
-JSON_COLUMNS = ("prediction", "primary_prediction", "fallback_prediction", "probabilities", "features")
+JSON_COLUMNS = ("prediction", "primary_prediction", "fallback_prediction", "probabilities", "features",
+                "challenger_prediction")
 FEATURE_PREFIX = "f:"
 _JSON_META = b"json"
 _COMPRESSION = "zstd"

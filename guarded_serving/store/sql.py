@@ -665,6 +665,10 @@ def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]
     return out
 
 
+#: Log columns present in a read only when some row has a value (a challenger was configured).
+CHALLENGER_COLUMNS = ("challenger_prediction", "challenger_version")
+
+
 def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
     """The log rows of ``bodies`` as a DataFrame in ``PREDICTION_COLUMNS`` order."""
     parts: list[dict[str, Any]] = []
@@ -672,7 +676,8 @@ def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
         cols = decode(bytes(body))
         n = len(cols["ts"])
         part: dict[str, Any] = {"request_id": cols["request_id"], "row": cols["row"].astype(np.int64)}
-        part.update({c: cols[c] for c in LOG_COLUMNS})
+        # Batches written before a column existed lack it: null there.
+        part.update({c: cols[c] if c in cols else np.full(n, None, dtype=object) for c in LOG_COLUMNS})
         if features:
             names = [c for c in cols if c.startswith(FEATURE_PREFIX)]
             feats = pd.DataFrame({c[len(FEATURE_PREFIX):]: cols[c] for c in names}, index=range(n))
@@ -681,8 +686,10 @@ def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
         parts.append(part)
     names = [c for c in PREDICTION_COLUMNS if features or c != "features"]
     if not parts:
-        return pd.DataFrame({c: pd.Series([], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names})
+        return pd.DataFrame({c: pd.Series([], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names
+                             if c not in CHALLENGER_COLUMNS})
     data = {c: np.concatenate([p[c] for p in parts]) for c in names}
     frame = pd.DataFrame({c: pd.Series(data[c], dtype=_NUMERIC_DTYPES.get(c, object)) for c in names})
     frame["reasons"] = frame["reasons"].map(lambda v: "" if v is None or v != v else v)
-    return frame
+    # A challenger's columns only where one was scored (a service with no challenger has none).
+    return frame.drop(columns=[c for c in CHALLENGER_COLUMNS if frame[c].isna().all()])
