@@ -51,6 +51,9 @@ class LogBatch:
     row: np.ndarray
     columns: dict[str, np.ndarray]
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Request id -> fingerprint of its rows, for client-named requests (``idempotency``): kept
+    #: in the store's index, not in the body.
+    fingerprints: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -59,7 +62,7 @@ class LogBatch:
         """The rows at ``idx`` (indices or a boolean mask)."""
         return LogBatch(self.request_id[idx], self.row[idx],
                         {k: v[idx] for k, v in self.columns.items()},
-                        {k: v[idx] for k, v in self.features.items()})
+                        {k: v[idx] for k, v in self.features.items()}, self.fingerprints)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> LogBatch:

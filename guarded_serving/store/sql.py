@@ -165,6 +165,9 @@ class Store:
             sa.Column("first_row", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("n_rows", sa.Integer, nullable=False),
             sa.Column("batch_id", sa.Integer, nullable=False),
+            # The fingerprint of a client-named request's rows (``idempotency``); null for ids
+            # the server made (no bytes in SQLite).
+            sa.Column("fingerprint", sa.BigInteger),
             # No index on batch_id: bodies carry their own request ids, so reads never need
             # one, and only the hourly purge scans this table by batch.
             sqlite_with_rowid=False,
@@ -329,14 +332,18 @@ class Store:
                 first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
                 body=encode(batch)))
             batch_id = _new_id(res)
+            fps = batch.fingerprints
             conn.execute(ix.insert(), [
-                {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id}
+                {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
+                 "fingerprint": fps.get(rid)}
                 for rid, first, n in _runs(batch.request_id, batch.row)])
             return len(batch)
 
     def _new_rows(self, conn: Connection, batch: LogBatch) -> np.ndarray:
         """Mask of the batch's rows not logged yet (and first of their key within the batch)."""
         logged = self._coverage(conn, sorted(set(batch.request_id.tolist())))
+        if batch.fingerprints and logged:
+            self._warn_reused(conn, batch.fingerprints, logged)
         keys = list(zip(batch.request_id.tolist(), batch.row.tolist(), strict=True))
         seen: set[tuple[str, int]] = set()
         keep = np.ones(len(keys), dtype=bool)
@@ -357,6 +364,27 @@ class Store:
             for key, first, n in conn.execute(q):
                 out.setdefault(request_id_of(bytes(key)), []).append((int(first), int(n)))
         return out
+
+    def _warn_reused(self, conn: Connection, fingerprints: dict[str, int],
+                     logged: dict[str, list[tuple[int, int]]]) -> None:
+        # A client id reused for other rows on two workers within one flush interval passes
+        # both workers' checks; the later rows are not logged (the key is taken): say so.
+        for rid in sorted(set(fingerprints) & set(logged)):
+            _, stored = self._fingerprint(conn, rid)
+            if stored is not None and stored != fingerprints[rid]:
+                log.warning("request id %r was used for other rows on another worker at the same "
+                            "time; the later request's rows are not logged", rid)
+
+    def request_fingerprint(self, request_id: str) -> tuple[bool, int | None]:
+        """(whether ``request_id`` is logged, the fingerprint of its rows if it was client-named)."""
+        with self._read("looking up a request id") as conn:
+            return self._fingerprint(conn, str(request_id))
+
+    def _fingerprint(self, conn: Connection, request_id: str) -> tuple[bool, int | None]:
+        ix = self.t_log_index
+        q = sa.select(ix.c.fingerprint).where(ix.c.request_key == request_key(request_id)).limit(1)
+        found = conn.execute(q).first()
+        return (False, None) if found is None else (True, None if found[0] is None else int(found[0]))
 
     def request_row_count(self, request_id: str) -> int:
         """How many rows of ``request_id`` are logged (0 if unknown)."""
