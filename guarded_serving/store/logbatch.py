@@ -101,8 +101,12 @@ def encode(batch: LogBatch) -> bytes:
     """The batch body: an Arrow IPC stream, compressed as one zstd frame."""
     n = len(batch)
     ids = batch.request_id.tolist()
-    rid = (pa.array([bytes.fromhex(r) for r in ids], type=pa.binary(16)) if all(map(is_hex_id, ids))
-           else pa.array(batch.request_id, type=pa.string()).dictionary_encode())
+    distinct = dict.fromkeys(ids)  # a request's rows repeat its id: convert each id once
+    if all(map(is_hex_id, distinct)):
+        raw = {r: bytes.fromhex(r) for r in distinct}
+        rid = pa.array([raw[r] for r in ids], type=pa.binary(16))
+    else:
+        rid = pa.array(batch.request_id, type=pa.string()).dictionary_encode()
     arrays = [rid, pa.array(batch.row, type=pa.int32())]
     fields = [pa.field("request_id", arrays[0].type), pa.field("row", pa.int32())]
     for name, values in [*((c, batch.columns.get(c)) for c in LOG_COLUMNS),
