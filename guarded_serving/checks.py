@@ -15,6 +15,7 @@ only Python loops run over columns or over the (few) rows that failed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -153,6 +154,11 @@ class CheckPlan:
     outlier_threshold: float | None
     outlier_in_block: np.ndarray | None
     datetimes: dict[str, str | None]
+    #: Per feature, what the one-row path checks; None when a feature's kind needs the columnar
+    #: coercion (datetime, boolean) or the outlier model reads a feature it cannot.
+    row_specs: tuple[RowSpec, ...] | None = None
+    #: Positions in ``row_specs`` of the outlier model's columns.
+    row_outlier: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, profile: Profile, policy: Policy) -> CheckPlan:
@@ -179,7 +185,46 @@ class CheckPlan:
             if set(om.columns) <= set(block):
                 in_block = np.array([block.index(c) for c in om.columns], dtype=np.intp)
         datetimes = {f.name: f.timezone for f in profile.features if f.is_datetime}
-        return cls(rules, bounds, block, lo, hi, integer, om, threshold, in_block, datetimes)
+        specs: tuple[RowSpec, ...] | None = tuple(
+            RowSpec.of(f, rules[f.name], bounds.get(f.name)) for f in profile.features)
+        row_outlier: tuple[int, ...] = ()
+        names = [f.name for f in profile.features]
+        if any(f.is_datetime or f.kind == "boolean" for f in profile.features):
+            specs = None
+        elif om is not None and threshold is not None:
+            row_outlier = tuple(names.index(c) for c in om.columns)
+            if not all(profile.features[i].is_numeric for i in row_outlier):
+                specs = None
+        return cls(rules, bounds, block, lo, hi, integer, om, threshold, in_block, datetimes,
+                   specs, row_outlier)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One feature as the one-row path checks it: the flag names it may raise (None: not
+    checked), its bounds and its known categories."""
+
+    name: str
+    numeric: bool
+    integer: bool
+    null_flag: str | None
+    range_flag: str | None
+    lo: float
+    hi: float
+    unseen_flag: str | None
+    known: frozenset[str]
+
+    @classmethod
+    def of(cls, fp: FeatureProfile, rules: FeatureRules, bounds: tuple[float, float] | None) -> RowSpec:
+        categories = not fp.is_numeric and rules.categories and not fp.categories_truncated
+        return cls(
+            fp.name, fp.is_numeric, fp.kind == "integer",
+            f"{NULL_UNSEEN}:{fp.name}" if rules.nulls and not fp.nullable else None,
+            f"{OUT_OF_RANGE}:{fp.name}" if fp.is_numeric and bounds is not None else None,
+            *(bounds or (-np.inf, np.inf)),
+            f"{UNSEEN_CATEGORY}:{fp.name}" if categories else None,
+            fp.category_set if categories else frozenset(),
+        )
 
 
 def plan_for(profile: Profile, policy: Policy) -> CheckPlan:
@@ -201,6 +246,10 @@ def check_batch(
     """Check every row of ``data`` against ``profile`` under ``policy``."""
     policy = policy or Policy()
     plan = plan_for(profile, policy)
+    if type(data) is list and len(data) == 1 and type(data[0]) is dict:
+        verdicts = _check_row(data[0], profile, plan, policy)
+        if verdicts is not None:
+            return verdicts
     columns, n = as_columns(data)
     status = np.zeros(n, dtype=np.int8)
     flag_cols: list[np.ndarray] = []
@@ -300,6 +349,66 @@ def check_batch(
         status[flagged & (status != REJECT)] = FALLBACK
     return Verdicts(status, flags, flag_names, coerced, problems, extra, scores,
                     datetime_columns=plan.datetimes)
+
+
+def _check_row(row: dict[str, Any], profile: Profile, plan: CheckPlan, policy: Policy) -> Verdicts | None:
+    """One row (the usual one-row request) checked in plain Python: numpy's per-call cost over
+    a few dozen one-element arrays is most of a one-row check. The same verdicts as the columnar
+    path (tests/test_checks.py holds both to it); None when the row holds anything but plain
+    numbers, strings and nulls, or lacks a feature: the columnar path then names the problem."""
+    specs = plan.row_specs
+    if specs is None:
+        return None
+    by_name = profile._by_name  # type: ignore[attr-defined]
+    extra = [c for c in row if c not in by_name]
+    if extra and policy.extra_columns == "reject":
+        return None
+    values: list[Any] = []
+    names: list[str] = []
+    for s in specs:
+        v = row.get(s.name, _MISSING)
+        if s.numeric:
+            t = type(v)
+            if t is float:
+                x = v
+            elif t is int:
+                if not -_INT_LIMIT < v < _INT_LIMIT:
+                    return None
+                x = float(v)
+            elif v is None:
+                x = math.nan
+            else:
+                return None
+            if x != x:
+                if s.null_flag is not None:
+                    names.append(s.null_flag)
+            elif s.integer and math.isfinite(x) and x % 1.0 != 0:
+                return None
+            elif s.range_flag is not None and (x < s.lo or x > s.hi):
+                names.append(s.range_flag)
+            values.append(x)
+        else:
+            if v is None:
+                if s.null_flag is not None:
+                    names.append(s.null_flag)
+            elif type(v) is not str:
+                return None
+            elif s.unseen_flag is not None and v not in s.known:
+                names.append(s.unseen_flag)
+            values.append(v)
+    scores = None
+    if plan.row_outlier and plan.outlier is not None and plan.outlier_threshold is not None:
+        scores = plan.outlier.scores(np.array([[values[i] for i in plan.row_outlier]], dtype=np.float64))
+        if scores[0] > plan.outlier_threshold:
+            names.append(OUTLIER)
+    columns = {s.name: np.array([v], dtype=np.float64 if s.numeric else object)
+               for s, v in zip(specs, values, strict=True)}
+    return Verdicts(np.array([FALLBACK if names else OK], dtype=np.int8), np.ones((1, len(names)), dtype=bool),
+                    names, columns, [], extra, scores, datetime_columns=plan.datetimes)
+
+
+#: Integers beyond this are left to the columnar path (float() would overflow past ~1e308).
+_INT_LIMIT = 2**1000
 
 
 def _out_of_range(values: np.ndarray, lo: Any, hi: Any) -> np.ndarray:

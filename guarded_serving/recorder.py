@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 WRITE_ATTEMPTS = 3
 RETRY_PAUSE_S = 0.2
 _WARN_EVERY_S = 30.0
+#: Fingerprints of client-named requests kept until their request is submitted.
+_MAX_EXPECTED = 10_000
 
 
 @dataclass
@@ -64,6 +66,7 @@ class _Item:
     result: GuardedResult
     logged: bool
     done: Future[int] | None = None
+    fingerprint: int | None = None
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Recorder:
         self.challenger: Challenger | None = None
         #: The primary of the serving model set, for its shadow on fallback rows (swapped on a switch).
         self.primary_model = guard.primary
+        self._fingerprints: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
@@ -129,6 +133,17 @@ class Recorder:
         return self._drift is not None or self.log_enabled
 
     # -- request path ------------------------------------------------------------------------
+
+    def expect_fingerprint(self, request_id: str, fingerprint: int) -> None:
+        """The fingerprint of a client-named request's rows (``idempotency``), to be stored with
+        its log entry when the request is submitted; ``forget_fingerprint`` if it never is."""
+        fps = self._fingerprints
+        fps[request_id] = fingerprint
+        while len(fps) > _MAX_EXPECTED:  # requests that failed without forgetting theirs
+            fps.pop(next(iter(fps)), None)
+
+    def forget_fingerprint(self, request_id: str) -> None:
+        self._fingerprints.pop(request_id, None)
 
     def submit(self, request_id: str, result: GuardedResult, wait_s: float = 0.0) -> Future[int] | None:
         """Hand a served batch over. Never blocks on the store; when the queue is full it waits
@@ -138,6 +153,7 @@ class Recorder:
         if result.verdicts is None or not self.active:
             return None
         n = result.n_rows
+        fingerprint = self._fingerprints.pop(request_id, None) if self._fingerprints else None
         logged = self.log_enabled and (self.sample_rate >= 1.0 or np.random.random() < self.sample_rate)
         done: Future[int] | None = Future() if self.durable and logged else None
         with self._lock_for_process():
@@ -150,7 +166,7 @@ class Recorder:
                 accepted = False
             else:
                 accepted = True
-                self._queue.append(_Item(request_id, time.time(), result, logged, done))
+                self._queue.append(_Item(request_id, time.time(), result, logged, done, fingerprint))
                 self._queued += n
                 self.counts.submitted += n
                 if done is not None or self._queued >= self.batch_rows:
@@ -355,7 +371,8 @@ class Recorder:
         rid = np.repeat(np.array([it.request_id for it in items], dtype=object), sizes)
         row = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
         feats = {k: v[rows] for k, v in cols.items()} if self.log_features else {}
-        return LogBatch(rid, row, columns, feats)
+        fps = {it.request_id: it.fingerprint for it in items if it.fingerprint is not None}
+        return LogBatch(rid, row, columns, feats, fps)
 
     def _write(self, batch: LogBatch) -> tuple[int, Exception | None]:
         pause = RETRY_PAUSE_S

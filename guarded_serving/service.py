@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import request_deadline
 from .bento import bundled_config
+from .breaker import CircuitBreaker
 from .config import ServingConfig, load_config
 from .errors import (
     BatchTooLargeError,
@@ -68,6 +69,7 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .feedback import REQUEST_ID, parse_feedback
+from .idempotency import RecentRequests, conflict, fingerprint
 from .openapi import bentoml_schema, openapi_document
 from .payload import BodyLimits, parse_body
 from .runtime import ServingRuntime, new_request_id
@@ -197,9 +199,9 @@ def _too_large(size: str, limit: int) -> PayloadTooLargeError:
                                 "(limits.max_body_bytes)")
 
 
-def _request_id(request: Request) -> str:
+def _client_request_id(request: Request) -> str | None:
     given = request.headers.get("x-request-id")
-    return given if given and REQUEST_ID.match(given) else new_request_id()
+    return given if given and REQUEST_ID.match(given) else None
 
 
 def _rows(body: Any, max_rows: int) -> tuple[list[dict[str, Any]], str]:
@@ -250,16 +252,25 @@ def _client_gone(request: Request, request_id: str | None = None) -> Response:
 
 async def predict(request: Request) -> Response:
     rt = runtime()
-    rid = _request_id(request)
+    given = _client_request_id(request)
+    rid = given or new_request_id()
     status = 200
+    fp: int | None = None  # set once this request holds its (client-named) id
     try:
         rows, on_reject = _rows(await _read_json(request, rt.config.max_rows), rt.config.max_rows)
         trace.get_current_span().set_attribute("guarded_serving.request.id", rid)
+        if given is not None:
+            again = await _answer_again(rt, rid, fingerprint(rows, on_reject), rows, on_reject)
+            if isinstance(again, Response):
+                return again
+            fp = again
+            rt.recorder.expect_fingerprint(rid, fp)
         result = await rt.apredict(rows, request_id=rid, on_reject=on_reject)
-        body = {"request_id": rid, **result.to_dict()}
-        if on_reject == "mark" and result.verdicts is not None and result.verdicts.problems:
-            body["problems"] = [p.to_dict() for p in result.verdicts.problems]
-        return _json(body, request_id=rid)
+        response = _json(_predict_body(rid, result, on_reject), request_id=rid)
+        if fp is not None:
+            RECENT.answered(rid, fp, bytes(response.body))
+            fp = None
+        return response
     except GuardedServingError as e:
         status = STATUS_BY_CODE.get(e.code, 500)
         return error_response(e, rid)
@@ -271,8 +282,76 @@ async def predict(request: Request) -> Response:
         log.exception("unexpected error serving request %s", rid)
         return error_response(InternalError("unexpected error"), rid)
     finally:
+        if fp is not None:  # held the id but not answered: a retry may try again
+            RECENT.forget(rid)
+            rt.recorder.forget_fingerprint(rid)
         if rt.metrics is not None:
             rt.metrics.request(status)
+
+
+def _predict_body(rid: str, result: Any, on_reject: str) -> dict[str, Any]:
+    body = {"request_id": rid, **result.to_dict()}
+    if on_reject == "mark" and result.verdicts is not None and result.verdicts.problems:
+        body["problems"] = [p.to_dict() for p in result.verdicts.problems]
+    return body
+
+
+#: Client-named requests this worker answered lately (``idempotency``): retries and reuses of
+#: their ids are recognised without a store call.
+RECENT = RecentRequests()
+#: How long a client-named request waits for the store to say whether another worker already
+#: used its id. Past that, or while such lookups keep failing (a breaker skips them for a while),
+#: the request is served as new: the store never slows /predict by more than this.
+ID_LOOKUP_S = 0.25
+_ID_LOOKUPS = CircuitBreaker(failures=3, open_seconds=10.0)
+_last_lookup_warning = 0.0
+
+
+async def _answer_again(rt: ServingRuntime, rid: str, fp: int, rows: list[dict[str, Any]],
+                        on_reject: str) -> Response | int:
+    """For a client-named request: the answer of a retry (the same rows under a known id), or
+    ``fp`` when the request is new (this worker then holds its id). ConflictError (409) when
+    the id was used for other rows, here or, as the store says, on another worker."""
+    known = RECENT.check(rid, fp)
+    if known is not None and known.body is not None:
+        return Response(known.body, media_type="application/json", headers={"X-Request-ID": rid})
+    if known is None:
+        RECENT.begin(rid, fp)  # before any await: a concurrent reuse on this worker sees it
+        try:
+            logged, stored = await _stored_fingerprint(rt, rid)
+        except BaseException:
+            RECENT.forget(rid)
+            raise
+        if logged and stored is not None and stored != fp:
+            RECENT.forget(rid)
+            raise conflict(rid)
+        if not logged:
+            return fp
+    # A retry of a request answered on another worker (or still being answered here): answered
+    # again by the models, neither logged nor counted into drift a second time.
+    result = await rt.guard.apredict(rows, on_reject=on_reject, request_id=rid)
+    response = _json(_predict_body(rid, result, on_reject), request_id=rid)
+    RECENT.answered(rid, fp, bytes(response.body))
+    return response
+
+
+async def _stored_fingerprint(rt: ServingRuntime, rid: str) -> tuple[bool, int | None]:
+    """(logged, fingerprint) of ``rid`` from the store, or (False, None) when the store does not
+    answer within ``ID_LOOKUP_S`` (logged): the request is then served as a new one."""
+    global _last_lookup_warning
+    if not _ID_LOOKUPS.allow():
+        return False, None
+    try:
+        found = await rt.monitoring.run(lambda: rt.store().request_fingerprint(rid), timeout=ID_LOOKUP_S)
+    except Exception as e:  # slow, busy or failing: accept, never slow /predict down further
+        _ID_LOOKUPS.record(False, "slow")
+        if time.monotonic() - _last_lookup_warning > 30.0:
+            _last_lookup_warning = time.monotonic()
+            log.warning("could not check whether request id %r was used before (%s); serving it as "
+                        "new (a reuse on another worker is then not detected)", rid, type(e).__name__)
+        return False, None
+    _ID_LOOKUPS.record(True)
+    return found
 
 
 @_endpoint

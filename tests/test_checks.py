@@ -172,6 +172,25 @@ def test_json_rows_and_dataframes_get_the_same_verdicts(policy: Policy) -> None:
         if policy.outlier_quantile is not None:
             np.testing.assert_allclose(by_rows.outlier_scores, by_frame.outlier_scores)
     assert (by_frame.status == FALLBACK).any() and (by_frame.status == OK).any()
+    # One row alone takes a plain-Python path (a one-row request): the same verdict row by row.
+    from guarded_serving.checks import _check_row
+
+    expected_reasons = by_frame.reasons()
+    for batch in (plain, with_nan):
+        for i, row in enumerate(batch):
+            one = check_batch([row], prof, policy)
+            assert _check_row(row, prof, plan, policy) is not None
+            assert one.status.tolist() == [by_frame.status[i]]
+            assert one.reasons() == [expected_reasons[i]]
+            for name in ("a", "b", "k", "opt", "c"):
+                np.testing.assert_array_equal(one.columns[name], by_frame.columns[name][i:i + 1])
+            if policy.outlier_quantile is not None:
+                np.testing.assert_allclose(one.outlier_scores, by_frame.outlier_scores[i:i + 1])
+    # Rows the plain path cannot read go to the columnar one, which names their problems.
+    for odd in (dict(plain[0], k=1.5), dict(plain[0], a="1.5"), dict(plain[0], c=3),
+                {k: v for k, v in plain[0].items() if k != "b"}, dict(plain[0], a=True)):
+        assert _check_row(odd, prof, plan, policy) is None
+        assert check_batch([odd], prof, policy).status.tolist() == check_batch([odd, plain[1]], prof, policy).status.tolist()[:1]
     # A fractional value for an integer feature is still named as a problem.
     bad = [dict(plain[0], k=1.5), plain[1]]
     v = check_batch(bad, prof, policy)

@@ -147,6 +147,47 @@ def test_joined_decodes_json_and_joins_outcomes(store: Store) -> None:
     assert len(empty) == 0 and "outcome" in empty.columns
 
 
+def test_server_made_and_client_ids_share_the_log_with_distinct_keys(store: Store) -> None:
+    # Server-made ids (32 lowercase hex digits) are stored as 16 bytes, in the body and the index;
+    # any other id as its text. No two ids share an index key, even one whose ASCII text is 16
+    # bytes of another's hex.
+    from guarded_serving.runtime import new_request_id
+    from guarded_serving.store.sql import request_id_of, request_key
+
+    server = new_request_id()
+    lookalike = bytes.fromhex("6162636465666768696a6b6c6d6e6f70").decode()  # "abcdefghijklmnop"
+    ids = [server, "6162636465666768696a6b6c6d6e6f70", lookalike, "ABCDEF0123456789ABCDEF0123456789", "x"]
+    assert len({request_key(i) for i in ids}) == len(ids)
+    assert [request_id_of(request_key(i)) for i in ids] == ids
+    assert len(request_key(server)) == 16
+    store.log_predictions(_rows(server, 2))  # a batch of server-made ids only: binary in the body
+    store.log_predictions([r for i in ids[1:] for r in _rows(i, 1)])  # mixed: text in the body
+    assert [store.request_row_count(i) for i in ids] == [2, 1, 1, 1, 1]
+    assert sorted(store.joined()["request_id"].tolist()) == sorted([server, *ids])
+    store.add_outcomes([(server, 1, 5.0), (lookalike, 0, 6.0)])
+    assert sorted(store.outcome_rows()["request_id"].tolist()) == sorted([server, lookalike])
+    with pytest.raises(NotFoundError):
+        store.add_outcomes([(server.upper(), 0, 1.0)])
+
+
+def test_bodies_written_before_whole_stream_compression_still_read() -> None:
+    # Bodies of the first batch format (Arrow's per-buffer zstd) stay readable.
+    import io
+
+    import pyarrow as pa
+
+    from guarded_serving.store.logbatch import LogBatch, decode, encode
+
+    batch = LogBatch.from_rows(_rows("r1", 3))
+    with pa.ipc.open_stream(pa.input_stream(pa.py_buffer(encode(batch)), compression="zstd")) as r:
+        table = r.read_all()
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+    old = decode(sink.getvalue())
+    assert old["request_id"].tolist() == ["r1"] * 3 and old["prediction"].tolist() == [100.0, 101.0, 102.0]
+
+
 def test_purge_removes_old_predictions_and_their_outcomes(store: Store) -> None:
     # Retention works a stored batch at a time (a recorder flush: about a second of traffic).
     store.log_predictions(_rows("old", 2, ts=10.0))

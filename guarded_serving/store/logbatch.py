@@ -3,9 +3,11 @@ Arrow IPC record batch.
 
 A flush of the recorder becomes one ``LogBatch``: one array per log column, the features as
 typed columns (``float64`` or dictionary-encoded text, never JSON text per row), strings that
-repeat (routes, reasons, model names, request ids) dictionary-encoded, the whole body
-zstd-compressed. A body is self-contained (it holds its request ids and row numbers); the store's
-index maps each request to its batch for lookups.
+repeat (routes, reasons, model names, request ids) dictionary-encoded, request ids made by the
+server (32 lowercase hex digits) as 16 bytes, and the whole stream compressed as one zstd frame
+(per-buffer compression, Arrow's own option, costs more than the rows of a small batch in frame
+headers and leaves the schema uncompressed). A body is self-contained (it holds its request ids
+and row numbers); the store's index maps each request to its batch for lookups.
 
 >>> b = LogBatch.from_rows([{"request_id": "r1", "row": 0, "ts": 1.0, "prediction": 2.5,
 ...                          "route": "primary", "features": {"carat": 0.5}}])
@@ -15,7 +17,7 @@ index maps each request to its batch for lookups.
 
 from __future__ import annotations
 
-import io
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,8 @@ JSON_COLUMNS = ("prediction", "primary_prediction", "fallback_prediction", "prob
 FEATURE_PREFIX = "f:"
 _JSON_META = b"json"
 _COMPRESSION = "zstd"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -48,6 +52,9 @@ class LogBatch:
     row: np.ndarray
     columns: dict[str, np.ndarray]
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Request id -> fingerprint of its rows, for client-named requests (``idempotency``): kept
+    #: in the store's index, not in the body.
+    fingerprints: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -56,7 +63,7 @@ class LogBatch:
         """The rows at ``idx`` (indices or a boolean mask)."""
         return LogBatch(self.request_id[idx], self.row[idx],
                         {k: v[idx] for k, v in self.columns.items()},
-                        {k: v[idx] for k, v in self.features.items()})
+                        {k: v[idx] for k, v in self.features.items()}, self.fingerprints)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> LogBatch:
@@ -86,11 +93,22 @@ def _array(values: list[Any]) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
+def is_hex_id(request_id: str) -> bool:
+    """Whether ``request_id`` is 32 lowercase hex digits (a server-made id): stored as 16 bytes."""
+    return _HEX_ID.match(request_id) is not None
+
+
 def encode(batch: LogBatch) -> bytes:
-    """The batch body as a zstd-compressed Arrow IPC stream."""
+    """The batch body: an Arrow IPC stream, compressed as one zstd frame."""
     n = len(batch)
-    arrays = [pa.array(batch.request_id, type=pa.string()).dictionary_encode(),
-              pa.array(batch.row, type=pa.int32())]
+    ids = batch.request_id.tolist()
+    distinct = dict.fromkeys(ids)  # a request's rows repeat its id: convert each id once
+    if all(map(is_hex_id, distinct)):
+        raw = {r: bytes.fromhex(r) for r in distinct}
+        rid = pa.array([raw[r] for r in ids], type=pa.binary(16))
+    else:
+        rid = pa.array(batch.request_id, type=pa.string()).dictionary_encode()
+    arrays = [rid, pa.array(batch.row, type=pa.int32())]
     fields = [pa.field("request_id", arrays[0].type), pa.field("row", pa.int32())]
     for name, values in [*((c, batch.columns.get(c)) for c in LOG_COLUMNS),
                          *((FEATURE_PREFIX + k, v) for k, v in batch.features.items())]:
@@ -98,11 +116,10 @@ def encode(batch: LogBatch) -> bytes:
         arrays.append(arr)
         fields.append(pa.field(name, arr.type, metadata=meta))
     table = pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema,
-                           options=pa.ipc.IpcWriteOptions(compression=_COMPRESSION)) as w:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, _COMPRESSION) as out, pa.ipc.new_stream(out, table.schema) as w:
         w.write_batch(table)
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()
 
 
 def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Array, dict[bytes, bytes] | None]:
@@ -129,10 +146,17 @@ def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Arra
 def decode(body: bytes) -> dict[str, np.ndarray]:
     """Column name -> numpy array (floats as float64 with NaN, text and JSON values as objects
     with None); feature columns keep their ``f:`` prefix."""
-    with pa.ipc.open_stream(pa.py_buffer(body)) as reader:
+    source: Any = pa.py_buffer(body)
+    if bytes(body[:4]) == _ZSTD_MAGIC:  # else a body of per-buffer compression (before 0.x)
+        source = pa.input_stream(source, compression=_COMPRESSION)
+    with pa.ipc.open_stream(source) as reader:
         table = reader.read_all()
     out: dict[str, np.ndarray] = {}
     for f, col in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_fixed_size_binary(f.type):  # request ids made by the server
+            out[f.name] = np.array([None if v is None else v.hex() for v in col.to_pylist()] + [None],
+                                   dtype=object)[:-1]
+            continue
         if pa.types.is_integer(f.type):
             out[f.name] = col.to_numpy()
             continue

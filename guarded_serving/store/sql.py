@@ -12,8 +12,9 @@ cost of an fsync per commit. An in-memory SQLite URL (``sqlite://``) keeps one c
 the whole store: meant for tests, not for concurrent use.
 
 The prediction log is stored a batch at a time (``logbatch.LogBatch``: one compressed Arrow
-record batch per flush in ``{prefix}log_batches``) with a small index, ``{prefix}log_index``,
-that maps each request id to its rows of a batch: one index row per request, not per row.
+record batch per flush in ``{prefix}log_batches``) with a small index, ``{prefix}log_keys``,
+that maps each request id to its rows of a batch: one index row per request, not per row. Its key
+is the request id as bytes, 16 for a server-made id (``request_key``).
 
 Every connection gets a connect timeout and a statement timeout (``timeout_s``): a database
 that accepts connections and never answers is a StoreError after a few seconds, not a hang.
@@ -47,7 +48,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..codec import dumps, jsonable, loads
 from ..errors import ConflictError, NotFoundError, Problem, StoreError
-from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode
+from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode, is_hex_id
 from .logbatch import JSON_COLUMNS as JSON_COLUMNS  # re-exported
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,19 @@ class Store:
             sa.Index(f"{p}log_batches_last_ts", "last_ts"),
             sqlite_autoincrement=True,
         )
-        # One row per run of a request's rows in a batch (one per request for the service).
+        # One row per run of a request's rows in a batch (one per request for the service),
+        # keyed by ``request_key`` (16 bytes for a server-made id where its text takes 32: at one
+        # row a request, the index is a third of the log). Named anew when the key became bytes
+        # (it was text in ``log_index``).
         self.t_log_index = sa.Table(
-            f"{p}log_index", md,
-            sa.Column("request_id", text, primary_key=True),
+            f"{p}log_keys", md,
+            sa.Column("request_key", sa.LargeBinary, primary_key=True),
             sa.Column("first_row", sa.Integer, primary_key=True, autoincrement=False),
             sa.Column("n_rows", sa.Integer, nullable=False),
             sa.Column("batch_id", sa.Integer, nullable=False),
+            # The fingerprint of a client-named request's rows (``idempotency``); null for ids
+            # the server made (no bytes in SQLite).
+            sa.Column("fingerprint", sa.BigInteger),
             # No index on batch_id: bodies carry their own request ids, so reads never need
             # one, and only the hourly purge scans this table by batch.
             sqlite_with_rowid=False,
@@ -325,14 +332,18 @@ class Store:
                 first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
                 body=encode(batch)))
             batch_id = _new_id(res)
+            fps = batch.fingerprints
             conn.execute(ix.insert(), [
-                {"request_id": rid, "first_row": first, "n_rows": n, "batch_id": batch_id}
+                {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
+                 "fingerprint": fps.get(rid)}
                 for rid, first, n in _runs(batch.request_id, batch.row)])
             return len(batch)
 
     def _new_rows(self, conn: Connection, batch: LogBatch) -> np.ndarray:
         """Mask of the batch's rows not logged yet (and first of their key within the batch)."""
         logged = self._coverage(conn, sorted(set(batch.request_id.tolist())))
+        if batch.fingerprints and logged:
+            self._warn_reused(conn, batch.fingerprints, logged)
         keys = list(zip(batch.request_id.tolist(), batch.row.tolist(), strict=True))
         seen: set[tuple[str, int]] = set()
         keep = np.ones(len(keys), dtype=bool)
@@ -348,15 +359,38 @@ class Store:
         ix = self.t_log_index
         out: dict[str, list[tuple[int, int]]] = {}
         for chunk in _chunks(request_ids):
-            q = sa.select(ix.c.request_id, ix.c.first_row, ix.c.n_rows).where(ix.c.request_id.in_(chunk))
-            for rid, first, n in conn.execute(q):
-                out.setdefault(rid, []).append((int(first), int(n)))
+            keys = [request_key(r) for r in chunk]
+            q = sa.select(ix.c.request_key, ix.c.first_row, ix.c.n_rows).where(ix.c.request_key.in_(keys))
+            for key, first, n in conn.execute(q):
+                out.setdefault(request_id_of(bytes(key)), []).append((int(first), int(n)))
         return out
+
+    def _warn_reused(self, conn: Connection, fingerprints: dict[str, int],
+                     logged: dict[str, list[tuple[int, int]]]) -> None:
+        # A client id reused for other rows on two workers within one flush interval passes
+        # both workers' checks; the later rows are not logged (the key is taken): say so.
+        for rid in sorted(set(fingerprints) & set(logged)):
+            _, stored = self._fingerprint(conn, rid)
+            if stored is not None and stored != fingerprints[rid]:
+                log.warning("request id %r was used for other rows on another worker at the same "
+                            "time; the later request's rows are not logged", rid)
+
+    def request_fingerprint(self, request_id: str) -> tuple[bool, int | None]:
+        """(whether ``request_id`` is logged, the fingerprint of its rows if it was client-named)."""
+        with self._read("looking up a request id") as conn:
+            return self._fingerprint(conn, str(request_id))
+
+    def _fingerprint(self, conn: Connection, request_id: str) -> tuple[bool, int | None]:
+        ix = self.t_log_index
+        q = sa.select(ix.c.fingerprint).where(ix.c.request_key == request_key(request_id)).limit(1)
+        found = conn.execute(q).first()
+        return (False, None) if found is None else (True, None if found[0] is None else int(found[0]))
 
     def request_row_count(self, request_id: str) -> int:
         """How many rows of ``request_id`` are logged (0 if unknown)."""
         ix = self.t_log_index
-        q = sa.select(sa.func.coalesce(sa.func.sum(ix.c.n_rows), 0)).where(ix.c.request_id == str(request_id))
+        q = sa.select(sa.func.coalesce(sa.func.sum(ix.c.n_rows), 0)).where(
+            ix.c.request_key == request_key(str(request_id)))
         with self._read("counting the rows of a request") as conn:
             return int(conn.execute(q).scalar_one())
 
@@ -367,7 +401,7 @@ class Store:
             rows, body = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0),
                                                 sa.func.coalesce(sa.func.sum(sa.func.length(t.c.body)), 0))).one()
             runs, ids = conn.execute(sa.select(sa.func.count(),
-                                               sa.func.coalesce(sa.func.sum(sa.func.length(ix.c.request_id)), 0))).one()
+                                               sa.func.coalesce(sa.func.sum(sa.func.length(ix.c.request_key)), 0))).one()
         return {"rows": int(rows), "body_bytes": int(body), "index_entries": int(runs),
                 "index_key_bytes": int(ids)}
 
@@ -379,8 +413,10 @@ class Store:
         old = sa.select(t.c.id).where(t.c.last_ts < cut)
         with self._write("purging old predictions") as conn:
             n = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0)).where(t.c.last_ts < cut)).scalar_one()
-            gone = sa.select(ix.c.request_id).where(ix.c.batch_id.in_(old))
-            conn.execute(o.delete().where(o.c.request_id.in_(gone)))
+            gone = sorted({request_id_of(bytes(k)) for (k,) in conn.execute(
+                sa.select(ix.c.request_key).where(ix.c.batch_id.in_(old)))})
+            for chunk in _chunks(gone):
+                conn.execute(o.delete().where(o.c.request_id.in_(chunk)))
             conn.execute(ix.delete().where(ix.c.batch_id.in_(old)))
             conn.execute(t.delete().where(t.c.last_ts < cut))
             return int(n)
@@ -482,8 +518,9 @@ class Store:
                 rids = sorted({r[0] for r in outcomes})
                 ids: set[int] = set()
                 for chunk in _chunks(rids):
+                    keys = [request_key(r) for r in chunk]
                     ids.update(int(i) for (i,) in conn.execute(
-                        sa.select(ix.c.batch_id).where(ix.c.request_id.in_(chunk)).distinct()))
+                        sa.select(ix.c.batch_id).where(ix.c.request_key.in_(keys)).distinct()))
                 q = sa.select(t.c.id, t.c.body).where(t.c.id.in_(sorted(ids))) if ids else None
             else:
                 outcomes = None
@@ -649,6 +686,20 @@ def _json_equal(a: Any, b: Any) -> bool:
 
 def _text(v: Any) -> str:
     return json.dumps(v, default=str)
+
+
+def request_key(request_id: str) -> bytes:
+    """The index key of a request id: 16 bytes for 32 lowercase hex digits (a server-made id),
+    else its ASCII bytes padded with 0xff to at least 17 (so no two ids share a key)."""
+    if is_hex_id(request_id):
+        return bytes.fromhex(request_id)
+    raw = request_id.encode("utf-8")
+    return raw + b"\xff" * (17 - len(raw))
+
+
+def request_id_of(key: bytes) -> str:
+    """The request id of an index key (``request_key`` reversed)."""
+    return key.hex() if len(key) == 16 else key.rstrip(b"\xff").decode("utf-8")
 
 
 def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]:
