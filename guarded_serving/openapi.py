@@ -120,7 +120,7 @@ def response_schemas(task: str) -> dict[str, Any]:
 
 #: (path, method, summary, error statuses) of each route, in the order documented.
 ROUTES = (
-    ("/predict", "post", "Guarded predictions for a batch of rows", (400, 401, 413, 415, 422, 429, 503)),
+    ("/predict", "post", "Guarded predictions for a batch of rows", (400, 401, 409, 413, 415, 422, 429, 503)),
     ("/feedback", "post", "True outcomes for logged rows", (400, 401, 404, 409, 413, 415, 422, 429, 503)),
     ("/profile", "get", "Summary of the loaded training profile", (401, 429)),
     ("/drift", "get", "Drift over windows of live traffic, merged across workers", (401, 404, 429, 503)),

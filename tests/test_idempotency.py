@@ -14,7 +14,8 @@ from guarded_serving.errors import ConflictError
 from guarded_serving.idempotency import RecentRequests, fingerprint
 
 from . import _data
-from .server import Server, running, wait_until, write_config
+from .conftest import wait_until
+from .server import Server, running, write_config
 
 
 def test_fingerprint_is_canonical_and_tells_rows_apart() -> None:
