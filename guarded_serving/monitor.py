@@ -8,6 +8,8 @@ report use the same ``evaluate``, so they agree.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -124,10 +126,39 @@ class DriftMonitor:
             log.warning("drift: feature %s changed from %s to %s (model %s)",
                         c["feature"], c["from"], c["to"], self.config.name)
         _span_event(changes, retrain, self.config.name)
+        if retrain and not prev_retrain:
+            self._start_retrain()
         if self.config.drift.webhook_url and (
                 any(c["to"] == DriftStatus.DRIFT for c in changes) or (retrain and not prev_retrain)):
             # Off the caller's thread: GET /drift must not wait for a slow receiver.
             self.alert({"kind": "drift_alert", **body})
+
+    def _start_retrain(self) -> None:
+        """``guarded-serving retrain`` for this config, in a process of its own (it exports, runs the
+        user's training script and replays the candidate: minutes of work that must not run in a
+        serving worker, nor die with it). Called once across processes, on the recorded change."""
+        spec = self.config.retrain
+        if spec is None or not spec.on_recommendation or self.config.source is None:
+            return
+        cmd = [sys.executable, "-m", "guarded_serving.cli", "retrain", str(self.config.source), "--json"]
+        try:
+            spec.workdir.mkdir(parents=True, exist_ok=True)
+            out = spec.workdir / "auto-retrain.log"
+            with out.open("ab") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        except OSError as e:
+            log.error("retraining recommended, but %s could not start: %s", " ".join(cmd), e)
+            return
+        log.warning("retraining recommended: started guarded-serving retrain (pid %d, output in %s)",
+                    proc.pid, out)
+
+        def reap() -> None:  # no zombie; say how it ended
+            code = proc.wait()
+            (log.info if code == 0 else log.warning)("guarded-serving retrain (pid %d) exited with "
+                                                     "status %d; see %s", proc.pid, code, out)
+
+        threading.Thread(target=reap, name="guarded-retrain-reaper", daemon=True).start()
 
     def alert(self, payload: dict[str, Any]) -> None:
         """POST ``payload`` to ``drift.webhook_url``, if set, off the caller's thread (GET /drift

@@ -16,7 +16,8 @@ retrain:
   holdout: 0.2                # newest fraction of rows with outcomes kept out of the export, for replay
   timeout_seconds: 3600
   env: {MY_SETTING: "1"}      # added to the script's environment
-  trusted: false              # the candidate is a pickle/joblib file you trust
+  trusted: false
+  on_recommendation: true     # also run when the drift monitor first recommends retraining              # the candidate is a pickle/joblib file you trust
 ```
 
 Placeholders (also passed as environment variables ``GUARDED_SERVING_<NAME>``): ``{export}`` the
@@ -70,7 +71,8 @@ log = logging.getLogger(__name__)
 PLACEHOLDERS = ("export", "candidate", "run_dir", "config", "profile", "target", "task", "python")
 EXPORT_FILE = "export.parquet"
 LOG_FILE = "retrain.log"
-_KEYS = ("command", "candidate", "workdir", "since", "holdout", "timeout_seconds", "env", "trusted")
+_KEYS = ("command", "candidate", "workdir", "since", "holdout", "timeout_seconds", "env", "trusted",
+         "on_recommendation")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class RetrainSpec:
     timeout_seconds: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)
     trusted: bool = False
+    #: Run on its own when the drift monitor first recommends retraining (once across processes).
+    on_recommendation: bool = True
 
     @classmethod
     def from_dict(cls, raw: Any, base: Path, default_workdir: Path | None = None) -> RetrainSpec:
@@ -157,6 +161,9 @@ class RetrainSpec:
         trusted = raw.get("trusted", False)
         if not isinstance(trusted, bool):
             problems.append(f"trusted: must be true or false, got {trusted!r}")
+        on_recommendation = raw.get("on_recommendation", True)
+        if not isinstance(on_recommendation, bool):
+            problems.append(f"on_recommendation: must be true or false, got {on_recommendation!r}")
         workdir = raw.get("workdir", str(default_workdir or "retrain"))
         if not isinstance(workdir, str) or not workdir:
             problems.append(f"workdir: must be a directory path, got {workdir!r}")
@@ -173,6 +180,7 @@ class RetrainSpec:
             timeout_seconds=float(timeout),
             env={k: str(v) for k, v in env.items()},
             trusted=trusted,
+            on_recommendation=on_recommendation,
         )
 
     def new_run_dir(self, now: float | None = None) -> Path:

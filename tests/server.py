@@ -36,6 +36,7 @@ def write_config(directory: Path, **overrides: Any) -> Path:
         cfg[role] = {"path": str(EXAMPLE / cfg[role]["path"])}
     cfg["profile"] = str(EXAMPLE / cfg["profile"])
     cfg.setdefault("store", {})["url"] = f"sqlite:///{directory / 'store.sqlite3'}"
+    cfg.pop("retrain", None)  # the example's script lies beside the example, not here
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("primary", "fallback"):
             cfg[k] = {**cfg[k], **v}
