@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ class LiveEstimates:
         on_view: Callable[[dict[str, Any]], None] | None = None,
         webhook: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.estimator = estimator
+        self.estimator: WindowEstimator | None = estimator
         self.config = config
         self.profile = profile
         self.on_view = on_view
@@ -87,6 +88,20 @@ class LiveEstimates:
             log.warning("no live estimates: the estimation artefacts could not be loaded: %s", e)
             return None
 
+    def follow(self, profile_path: str | Path, profile: Profile) -> None:
+        """Estimate with the artefacts beside ``profile_path``: a newly served primary's (after a
+        promotion or a rollback). Artefacts fitted for another model would estimate the wrong
+        errors, so without any beside it the tallies that follow are left out (None)."""
+        try:
+            self.estimator = (WindowEstimator.load(profile_path, profile)
+                              if WindowEstimator.available(profile_path) else None)
+        except Exception as e:  # a bad artefact must not stop serving
+            log.warning("live estimates off: the artefacts beside %s could not be loaded: %s", profile_path, e)
+            self.estimator = None
+        if self.estimator is None:
+            log.warning("live estimates off for the primary of %s: no estimation artefacts beside it",
+                        profile_path)
+
     # -- per batch (the recorder's consumer thread) -----------------------------------------
 
     def tally(
@@ -100,14 +115,17 @@ class LiveEstimates:
         """The estimation sums of one recorded lot (the concatenated batches of ``results``);
         rejected rows are left out. Never raises: None when it fails."""
         start = time.perf_counter()
+        estimator = self.estimator  # one reference: a promotion may swap it meanwhile
+        if estimator is None:
+            return None
         try:
             keep = routes != REJECTED
             if not keep.any():
                 return None
             status = np.concatenate([r.verdicts.status for r in results if r.verdicts is not None])
             cols = columns if keep.all() else {k: v[keep] for k, v in columns.items()}
-            preds = self._predictions(routes, primary, fallback, results)
-            tally = self.estimator.tally(
+            preds = self._predictions(estimator.task, routes, primary, fallback, results)
+            tally = estimator.tally(
                 cols,
                 {role: p.take(np.flatnonzero(keep)) for role, p in preds.items()},
                 routes=routes[keep],
@@ -123,12 +141,13 @@ class LiveEstimates:
 
     def _predictions(
         self,
+        task: str,
         routes: np.ndarray,
         primary: np.ndarray,
         fallback: np.ndarray,
         results: Sequence[GuardedResult],
     ) -> dict[str, Prediction]:
-        if self.estimator.task == "regression":
+        if task == "regression":
             return {
                 "primary": Prediction(_floats(primary)),
                 "fallback": Prediction(_floats(fallback)),

@@ -436,6 +436,8 @@ class ServingRuntime:
         self.guard = guard  # the one reference the request path reads
         self.profile = guard.profile
         self.recorder.primary_model = guard.primary
+        if self.estimates is not None:  # estimation artefacts belong to the primary's profile
+            self.estimates.follow(ev.to.profile if ev is not None else self.config.profile, guard.profile)
         ch = self.challenger
         self.recorder.challenger = ch if ch is not None and ch.version != guard.version else None
         if ev is not None:

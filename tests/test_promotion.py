@@ -388,3 +388,20 @@ def test_two_service_processes_on_postgresql_switch_together(
     finally:
         for s in servers:
             s.stop()
+
+
+def test_live_estimates_follow_the_served_primarys_profile(tmp_path: Path) -> None:
+    """Estimation artefacts belong to the profile they were fitted with: a promoted primary whose
+    profile has none is not estimated with its predecessor's error models; a rollback brings them
+    back."""
+    profile = tmp_path / "challenger-profile.json"
+    profile.write_bytes((EXAMPLE / "profile.json").read_bytes())  # no estimation artefacts beside it
+    config = _config(tmp_path, challenger={**CHALLENGER, "profile": str(profile)},
+                     primary={"path": str(EXAMPLE / "primary.onnx"), "version": "p1"})
+    rt = ServingRuntime(config)
+    assert rt.estimates is not None and rt.estimates.estimator is not None
+    rt.switch(Action.PROMOTE, actor="test")
+    assert _version(rt) == "c1" and rt.estimates.estimator is None
+    rt.switch(Action.ROLLBACK, actor="test")
+    assert _version(rt) == "p1" and rt.estimates.estimator is not None
+    rt.close()
