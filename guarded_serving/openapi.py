@@ -5,7 +5,7 @@ their methods). Pure: no HTTP here, the service module serves both.
 
 >>> doc = openapi_document("m", "regression", [("carat", "numeric")], max_rows=10)
 >>> sorted(doc["paths"])
-['/drift', '/feedback', '/performance', '/predict', '/profile']
+['/admin/promote', '/admin/rollback', '/drift', '/feedback', '/performance', '/predict', '/profile']
 >>> [r["name"] for r in bentoml_schema("m", "regression", [("carat", "numeric")], 10)["routes"]]
 ['predict', 'feedback']
 """
@@ -115,7 +115,8 @@ def response_schemas(task: str) -> dict[str, Any]:
         "required": ["received"],
     }
     view = {"type": "object", "additionalProperties": True}
-    return {"predict": predict, "feedback": feedback, "profile": view, "drift": view, "performance": view}
+    return {"predict": predict, "feedback": feedback, "profile": view, "drift": view, "performance": view,
+            "admin/promote": view, "admin/rollback": view}
 
 
 #: (path, method, summary, error statuses) of each route, in the order documented.
@@ -125,7 +126,13 @@ ROUTES = (
     ("/profile", "get", "Summary of the loaded training profile", (401, 429)),
     ("/drift", "get", "Drift over windows of live traffic, merged across workers", (401, 404, 429, 503)),
     ("/performance", "get", "Live performance on rows with outcomes", (400, 401, 429, 503)),
+    ("/admin/promote", "post", "Promote the challenger to primary, in every worker and replica "
+     "(token required)", (400, 401, 409, 415, 429, 503)),
+    ("/admin/rollback", "post", "Roll back to the previous primary, in every worker and replica "
+     "(token required)", (400, 401, 409, 415, 429, 503)),
 )
+#: The optional body of the /admin routes: who switched, and why (kept with the switch event).
+SWITCH_REQUEST = {"type": "object", "properties": {"reason": {"type": "string"}, "actor": {"type": "string"}}}
 
 
 def openapi_document(name: str, task: str, features: Sequence[tuple[str, str]], max_rows: int,
@@ -138,7 +145,7 @@ def openapi_document(name: str, task: str, features: Sequence[tuple[str, str]], 
     for path, method, summary, errors in ROUTES:
         key = path.strip("/")
         op: dict[str, Any] = {
-            "operationId": key,
+            "operationId": key.replace("/", "_"),
             "summary": summary,
             "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": responses[key]}}},
@@ -150,6 +157,9 @@ def openapi_document(name: str, task: str, features: Sequence[tuple[str, str]], 
         if key in requests:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": requests[key]}}}
+        if key.startswith("admin/"):
+            op["requestBody"] = {"required": False, "content": {"application/json": {"schema": SWITCH_REQUEST}}}
+            op["security"] = [{"bearer": []}]
         if key == "performance":
             op["parameters"] = [
                 {"name": "since", "in": "query", "schema": {"type": "number"},

@@ -229,7 +229,9 @@ def test_outcomes_are_checked_before_the_store(srv: Server) -> None:
 def test_openapi_document_lists_the_routes(srv: Server) -> None:
     doc = httpx.get(srv.url + "/docs.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/predict", "/feedback", "/profile", "/drift", "/performance"}
+    assert set(doc["paths"]) == {"/predict", "/feedback", "/profile", "/drift", "/performance",
+                                 "/admin/promote", "/admin/rollback"}
+    assert doc["paths"]["/admin/promote"]["post"]["security"] == [{"bearer": []}]
     row = doc["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["rows"]
     assert row["maxItems"] == 50 and "carat" in row["items"]["properties"]
     assert doc["paths"]["/predict"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
