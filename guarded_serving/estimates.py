@@ -29,7 +29,7 @@ import numpy as np
 from .adapters.base import Prediction
 from .checks import FALLBACK as FLAGGED_STATUS
 from .config import ServingConfig
-from .drift.windows import MAX_LISTED_WINDOWS, Segment, Window
+from .drift.windows import ARCHIVED, MAX_LISTED_WINDOWS, Segment, Window
 from .estimation import WindowEstimator, WindowTally
 from .guard import FALLBACK_ROUTE, REJECTED, GuardedResult
 from .profile import Profile
@@ -270,7 +270,9 @@ def estimated_view(
         }
         for w in windows[-MAX_LISTED_WINDOWS:]
     ]
-    every = [t for t in tallies.values() if t is not None]
+    # Windows folded into the archive (monitor._archive) still count in the cumulative figure.
+    archived = merged_tally([s for s in segs if s.worker == ARCHIVED])
+    every = [t for t in (archived, *tallies.values()) if t is not None]
     total = every[0] if every else None
     for t in every[1:]:
         total = total.merge(t)  # type: ignore[union-attr]

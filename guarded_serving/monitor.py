@@ -194,7 +194,11 @@ class DriftMonitor:
         folded = archive(segs, windows, KEEP_WINDOWS)
         if folded is not None:
             seg, ids = folded
-            store.replace_segments(ids, seg.as_row())
+            row = seg.as_row()
+            # The folded windows' estimation tallies stay in the cumulative view, as their counts do.
+            by_id = {s.id: s for s in segs}
+            row["state"] = with_tally(row["state"], merged_tally([by_id[i] for i in ids if i in by_id]))
+            store.replace_segments(ids, row)
 
     def _send_webhook(self, body: dict[str, Any]) -> None:
         import httpx  # adapter-only dependency

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from guarded_serving.config import load_config
+from guarded_serving.drift.windows import ARCHIVED
 from guarded_serving.estimates import ESTIMATE_KEY, ESTIMATE_STATUS_EVENT, below_baseline
 from guarded_serving.report import build_report
 from guarded_serving.runtime import ServingRuntime, new_request_id
@@ -243,5 +244,30 @@ def test_a_classifier_is_estimated_live_from_the_served_probabilities(tmp_path: 
         )
         assert cur["primary"]["n"] == routes.count("primary")
         assert 0.5 < cur["guarded"]["accuracy"] <= 1.0
+    finally:
+        rt.close()
+
+
+def test_archived_windows_still_count_in_the_cumulative_estimate(tmp_path: Path, monkeypatch) -> None:
+    """Old windows are folded into one archived segment (bounded reads); their estimation tallies
+    go with them, so the cumulative estimate covers every row, as the cumulative drift view does."""
+    import guarded_serving.monitor as monitor
+
+    monkeypatch.setattr(monitor, "MAX_LISTED_WINDOWS", 2)
+    monkeypatch.setattr(monitor, "KEEP_WINDOWS", 1)
+    monkeypatch.setattr(monitor, "ARCHIVE_SLACK", 0)
+    rt = ServingRuntime(load_config(write_config(tmp_path, **SETTINGS)))
+    try:
+        rows = _data.json_rows(_data.features(_data.holdout().head(3 * WINDOW)))
+        for i in range(0, 3 * WINDOW, 100):
+            rt.predict(rows[i : i + 100], request_id=new_request_id())
+            if (i + 100) % WINDOW == 0:
+                rt.recorder.flush(10)
+                rt.flush_drift()
+        rt.monitor.view()
+        assert any(s["worker"] == ARCHIVED for s in rt.store().segments()), "the oldest window was folded"
+        rt.monitor.view()
+        est = rt.estimates.view  # type: ignore[union-attr]
+        assert est is not None and est["cumulative"]["n"] == 3 * WINDOW
     finally:
         rt.close()
