@@ -19,6 +19,7 @@ from guarded_serving.report import build_report
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from . import _data
+from ._classifier import make_classifier_project
 from .conftest import wait_until
 from .server import Server, write_config
 from .test_monitoring import _Webhook
@@ -193,36 +194,7 @@ def test_served_estimate_rises_on_shifted_window_and_outcomes_show_realized_besi
 
 
 def test_a_classifier_is_estimated_live_from_the_served_probabilities(tmp_path: Path) -> None:
-    from sklearn.datasets import make_classification
-
-    from guarded_serving.cli import main
-    from guarded_serving.fallback import FallbackTrainer
-
-    x, y = make_classification(n_samples=3000, n_features=5, n_informative=3, random_state=4)
-    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(5)]).assign(label=y)
-    df.iloc[:1500].to_parquet(tmp_path / "train.parquet")
-    df.iloc[1500:2500].to_parquet(tmp_path / "holdout.parquet")
-    for name, c in (("primary", 10.0), ("fallback", 0.01)):
-        FallbackTrainer(task="classification", C=c, name=name).fit(
-            df.iloc[:1500], "label"
-        ).save_onnx(tmp_path / f"{name}.onnx")
-    args = [
-        "profile",
-        str(tmp_path / "train.parquet"),
-        "--target",
-        "label",
-        "--task",
-        "classification",
-        "--out",
-        str(tmp_path / "profile.json"),
-        "--primary",
-        str(tmp_path / "primary.onnx"),
-        "--fallback",
-        str(tmp_path / "fallback.onnx"),
-        "--holdout",
-        str(tmp_path / "holdout.parquet"),
-    ]
-    assert main(args) == 0
+    df = make_classifier_project(tmp_path)
     (tmp_path / "serving.yaml").write_text(
         "name: synthetic\ntask: classification\nprimary: primary.onnx\nfallback: fallback.onnx\n"
         f"profile: profile.json\nstore: {{url: 'sqlite:///{tmp_path / 's.sqlite3'}'}}\n"

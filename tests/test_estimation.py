@@ -29,6 +29,7 @@ from guarded_serving.estimation.errormodel import export_error_model, fit_error_
 from guarded_serving.profile import Profile, build_profile
 from guarded_serving.scoring import score
 
+from ._classifier import make_classifier_project
 from ._data import CONFIG, EXAMPLE, TARGET, holdout, serve
 
 ROLES = ("primary", "fallback")
@@ -325,40 +326,8 @@ def test_estimate_without_artefacts_says_how_to_make_them(tmp_path, capsys) -> N
 
 
 def test_estimate_json_for_a_classifier_has_accuracy_f1_and_auc(tmp_path, capsys) -> None:
-    from sklearn.datasets import make_classification
-
-    from guarded_serving.fallback import FallbackTrainer
-
-    x, y = make_classification(n_samples=3000, n_features=5, n_informative=3, random_state=4)
-    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(5)]).assign(label=y)
-    df.iloc[:1500].to_parquet(tmp_path / "train.parquet")
-    df.iloc[1500:2500].to_parquet(tmp_path / "holdout.parquet")
+    df = make_classifier_project(tmp_path)
     df.iloc[2500:].drop(columns="label").to_parquet(tmp_path / "rows.parquet")
-    for name, c in (("primary", 10.0), ("fallback", 0.01)):
-        FallbackTrainer(task="classification", C=c, name=name).fit(
-            df.iloc[:1500], "label"
-        ).save_onnx(tmp_path / f"{name}.onnx")
-    assert (
-        main(
-            [
-                "profile",
-                str(tmp_path / "train.parquet"),
-                "--target",
-                "label",
-                "--task",
-                "classification",
-                "--out",
-                str(tmp_path / "profile.json"),
-                "--primary",
-                str(tmp_path / "primary.onnx"),
-                "--fallback",
-                str(tmp_path / "fallback.onnx"),
-                "--holdout",
-                str(tmp_path / "holdout.parquet"),
-            ]
-        )
-        == 0
-    )
     assert "estimation primary: calibration" in capsys.readouterr().out
     (tmp_path / "serving.yaml").write_text(
         "name: synthetic\ntask: classification\nprimary:\n  path: primary.onnx\n"
