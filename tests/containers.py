@@ -169,6 +169,7 @@ class Outcome:
     error: str | None = None  # the exception's type when no answer came
     rows: int = 0
     served_by: str | None = None  # the balancer's X-Served-By
+    retried: bool = False  # sent again, with the same request id, after a connection dropped unanswered
 
 
 def post(
@@ -178,19 +179,27 @@ def post(
     request_id: str,
     body: dict[str, Any],
     headers: dict[str, str] | None = None,
+    retry_dropped: bool = False,
 ) -> Outcome:
-    """One POST, its answer or the exception, as an :class:`Outcome` (never raises)."""
+    """One POST, its answer or the exception, as an :class:`Outcome` (never raises). With
+    ``retry_dropped``, a connection closed without an answer is retried once, as a client of an
+    idempotent route would (the request id makes a repeat of a served request harmless)."""
     o = Outcome(
         kind=kind,
         started=time.monotonic(),
         request_id=request_id,
         rows=len(body.get("rows", body.get("outcomes", []))),
     )
-    try:
-        r = (client or httpx).post(url, json=body, timeout=30.0, headers=headers)
-        o.status, o.served_by = r.status_code, r.headers.get("x-served-by")
-    except httpx.HTTPError as e:
-        o.error = type(e).__name__
+    for _ in range(2 if retry_dropped else 1):
+        try:
+            r = (client or httpx).post(url, json=body, timeout=30.0, headers=headers)
+            o.status, o.served_by, o.error = r.status_code, r.headers.get("x-served-by"), None
+            break
+        except httpx.RemoteProtocolError as e:
+            o.error, o.retried = type(e).__name__, retry_dropped
+        except httpx.HTTPError as e:
+            o.error = type(e).__name__
+            break
     return o
 
 

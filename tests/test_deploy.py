@@ -366,12 +366,14 @@ def predict_then_feedback(
     url: str, rows: list[dict[str, Any]], labels: list[str], client: httpx.Client
 ) -> list[Outcome]:
     rid = uuid.uuid4().hex
-    p = post(client, url + "/predict", "predict", rid, {"rows": rows}, {"X-Request-ID": rid})
+    p = post(client, url + "/predict", "predict", rid, {"rows": rows}, {"X-Request-ID": rid},
+             retry_dropped=True)
     if p.status != 200:
         return [p]
     return [
         p,
-        post(client, url + "/feedback", "feedback", rid, {"request_id": rid, "outcomes": labels}),
+        post(client, url + "/feedback", "feedback", rid, {"request_id": rid, "outcomes": labels},
+             retry_dropped=True),
     ]
 
 
@@ -482,6 +484,8 @@ def test_three_replicas_behind_haproxy_on_one_postgresql(
         figures[f"{phase}: failed"] = dict(
             Counter(f"{o.kind} {o.status or o.error}" for o in failed(outs))
         )
+        # A connection the balancer closed unanswered, retried once with the same request id.
+        figures[f"{phase}: retried after a dropped connection"] = sum(o.retried for o in outs)
     answered = [
         o
         for o in (*predictions, *kill_phase, *rolling_phase)
