@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from pathlib import Path
+
+from peer_venv import ensure_venv
 
 # Before numpy loads BLAS, or it is too late: on this shared 2-core machine, BLAS threads spinning
 # against the other processes made the outlier score's einsum 30x slower than on one thread.
@@ -42,7 +43,6 @@ sys.path.insert(0, str(ROOT))
 from guarded_serving.profile import Profile  # noqa: E402
 
 EXAMPLE = ROOT / "models" / "diamonds"
-VENV = ROOT / ".bench-venvs" / "pandera"
 RESULTS = ROOT / "bench" / "results" / "checks.json"
 
 PANDERA_WORKER = r'''
@@ -132,13 +132,7 @@ def numpy_floor(df: pd.DataFrame, profile) -> np.ndarray:  # type: ignore[no-unt
 
 
 def ensure_pandera_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"creating {VENV} for pandera (one-off)...", file=sys.stderr)
-        venv.create(VENV, with_pip=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "pandera>=0.20", "pandas", "pyarrow"],
-                       check=True)
-    return py
+    return ensure_venv("pandera", ["pandera>=0.20", "pandas", "pyarrow"])
 
 
 class PanderaPeer:

@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -53,11 +52,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from peer_venv import ensure_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EXAMPLE = ROOT / "models" / "diamonds"
-VENV = ROOT / ".bench-venvs" / "alibi"
 RESULTS = ROOT / "bench" / "results" / "drift.json"
 RUNNER = ROOT / "bench" / "alibi_runner.py"
 ALIBI_REQUIREMENTS = [
@@ -71,14 +70,7 @@ SEED = 20240601
 
 
 def ensure_alibi_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"creating {VENV} for alibi-detect (one-off, a few minutes)...", file=sys.stderr)
-        venv.create(VENV, with_pip=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *ALIBI_REQUIREMENTS], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "alibi-detect==0.13.0"],
-                       check=True)
-    return py
+    return ensure_venv("alibi", ALIBI_REQUIREMENTS, ["--no-deps", "alibi-detect==0.13.0"])
 
 
 class Scenarios:

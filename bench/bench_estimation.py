@@ -45,18 +45,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from peer_venv import ensure_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EXAMPLE = ROOT / "models" / "diamonds"
-VENV = ROOT / ".bench-venvs" / "nannyml"
 RUNNER = ROOT / "bench" / "nannyml_runner.py"
 RESULTS = ROOT / "bench" / "results" / "estimation.json"
 # pandas<3: NannyML 0.13.1 reshapes string columns, which pandas 3 (Arrow-backed strings) refuses.
@@ -69,12 +68,7 @@ LOW_SHIFT = 0.25
 
 
 def ensure_nannyml_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"creating {VENV} for NannyML (one-off, a few minutes)...", file=sys.stderr)
-        venv.create(VENV, with_pip=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *NANNYML_REQUIREMENTS], check=True)
-    return py
+    return ensure_venv("nannyml", NANNYML_REQUIREMENTS)
 
 
 @dataclass
