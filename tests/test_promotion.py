@@ -267,6 +267,16 @@ def _serving(srv: Server, version: str) -> float:
     return 0.0
 
 
+def _cli_switch(action: str, config: Path, reason: str) -> float:
+    """``guarded-serving ACTION CONFIG`` run as an operator would; when the switch was recorded."""
+    done = subprocess.run(
+        [sys.executable, "-m", "guarded_serving.cli", action, str(config), "--reason", reason, "--json"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return float(json.loads(done.stdout)["ts"])
+
+
 @pytest.mark.e2e
 def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
     cfg = write_config(
@@ -305,23 +315,7 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
                 wait_until(lambda: _serving(srv, "c1") == 2, 10)
                 time.sleep(1.0)
                 promoted = _switched_within(answers, t0, "c1")
-                done = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guarded_serving.cli",
-                        "rollback",
-                        str(cfg),
-                        "--reason",
-                        "e2e",
-                        "--json",
-                    ],
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
-                )
-                assert done.returncode == 0, done.stderr
-                t1 = json.loads(done.stdout)["ts"]  # when the switch was recorded
+                t1 = _cli_switch("rollback", cfg, "e2e")
                 wait_until(lambda: _serving(srv, "p1") == 2, 10)
                 time.sleep(1.0)
                 rolled_back = _switched_within(answers, t1, "p1")
@@ -361,23 +355,7 @@ def test_two_service_processes_on_postgresql_switch_together(
     try:
         with _steady_load([s.url for s in servers]) as answers:
             wait_until(lambda: len(answers) > 100, 30)
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "guarded_serving.cli",
-                    "promote",
-                    str(servers[0].config),
-                    "--reason",
-                    "two replicas",
-                    "--json",
-                ],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-            )
-            assert done.returncode == 0, done.stderr
-            t0 = json.loads(done.stdout)["ts"]
+            t0 = _cli_switch("promote", servers[0].config, "two replicas")
             for s in servers:
                 wait_until(lambda s=s: _serving(s, "c1") == 1, 10)
             time.sleep(1.0)
