@@ -1,7 +1,10 @@
 """The one JSON codec: numpy values to Python, NaN and infinities to null.
 
 Every module that writes JSON (responses, the store's JSON columns, events, webhooks) goes
-through ``dumps`` or ``jsonable``, so a value is encoded the same way wherever it lands.
+through ``dumps``, ``dumps_bytes`` or ``jsonable``, so a value is encoded the same way wherever it
+lands. orjson encodes the common case (plain values, numpy arrays of numbers, NaN as null) without
+a walk in Python; what it cannot take (object arrays, non-text keys, datetimes, huge integers) goes
+through ``jsonable`` and the standard library, with ``str`` for anything else.
 
 >>> import numpy as np
 >>> dumps({"a": np.float32(1.5), "b": float("nan"), "c": np.array([1, 2])})
@@ -17,8 +20,12 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 
-__all__ = ["column_values", "dumps", "jsonable", "loads"]
+__all__ = ["column_values", "dumps", "dumps_bytes", "jsonable", "loads"]
+
+#: numpy arrays and scalars natively; datetimes go the standard way (text from ``str``).
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def jsonable(v: Any) -> Any:
@@ -50,18 +57,20 @@ def column_values(a: np.ndarray | None) -> list[Any]:
     return [jsonable(x) for x in a.tolist()]
 
 
+def dumps_bytes(v: Any) -> bytes:
+    """Compact JSON of ``v`` as UTF-8 bytes (numpy values converted, NaN as null)."""
+    try:
+        return orjson.dumps(v, option=_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError: a value it does not take
+        return json.dumps(jsonable(v), separators=(",", ":"), allow_nan=False, default=str,
+                          ensure_ascii=False).encode()
+
+
 def dumps(v: Any) -> str:
     """Compact JSON text of ``v`` (numpy values converted, NaN as null)."""
-    try:  # plain Python values without NaN, the common case: no walk over the value
-        return json.dumps(v, separators=(",", ":"), allow_nan=False, default=_refuse)
-    except (ValueError, TypeError):
-        return json.dumps(jsonable(v), separators=(",", ":"), allow_nan=False, default=str)
+    return dumps_bytes(v).decode()
 
 
 def loads(v: str | bytes | None) -> Any:
     """The value of JSON text; None stays None."""
     return None if v is None else json.loads(v)
-
-
-def _refuse(v: Any) -> Any:
-    raise TypeError(type(v).__name__)

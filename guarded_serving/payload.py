@@ -1,9 +1,13 @@
 """Request bodies as JSON, within limits: size, nesting, rows, string length, valid numbers and text.
 
-Large bodies are measured before they are parsed (a vectorized pass over the bytes), so a body
-of 100,000 rows is refused with 413 without building 100,000 dicts, and a body nested 10,000
-deep never reaches the recursive parser. Small bodies (one row is about 200 bytes) skip that pass:
-the parser's own recursion guard and a walk over a few values cost less.
+Bodies are parsed by orjson. The limits are then checked on the bytes where that settles them
+(few brackets or one object per row: shallow; no backslash and no long gap between quotes: no
+long string) and by a walk over the values otherwise; orjson itself refuses lone surrogates,
+numbers beyond float64 and nesting past 1,024 levels. A body orjson refuses is parsed again by the
+standard library, whose errors name the problem (and the row and column where there is one).
+A large body is measured before it is parsed when it may hold more rows than allowed (a
+vectorized pass over the bytes), so a body of 100,000 rows is refused with 413 without building
+100,000 dicts, and a body nested 10,000 deep never reaches a recursive parser.
 
 >>> limits = BodyLimits(max_string_length=5)
 >>> parse_body(b'{"rows": [{"carat": 0.5}]}', limits)
@@ -22,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import BatchTooLargeError, PayloadError, Problem, SchemaError
 
-#: Bodies up to this size are parsed directly and then walked; larger ones are measured first.
+#: Bodies up to this size are never measured before parsing (they cannot hold many rows).
 SMALL_BODY_BYTES = 8192
 #: Integers with more digits than this cannot be a float64 (about 1.8e308).
 MAX_DIGITS = 309
@@ -54,9 +59,22 @@ def parse_body(raw: bytes, limits: BodyLimits, max_rows: int | None = None) -> A
     not valid Unicode, an integer beyond float64."""
     if not raw:
         raise PayloadError("the request body is empty; send a JSON object")
-    walk = len(raw) <= SMALL_BODY_BYTES
-    if not walk:
-        walk = _measure(raw, limits, max_rows)
+    if max_rows is not None and len(raw) > SMALL_BODY_BYTES and raw.count(b"{") > max_rows + 1:
+        _measure(raw, limits, max_rows)  # may hold too many rows: count them before parsing
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_exactly(raw, limits, max_rows)
+    if not _within_limits(raw, body, limits):
+        _check_values(body, limits)
+    return body
+
+
+def _parse_exactly(raw: bytes, limits: BodyLimits, max_rows: int | None) -> Any:
+    """The standard library's parse of a body orjson refused: its error names the problem, and
+    the values it accepts (NaN spelled out is refused here; lone surrogates and integers past
+    float64 are refused by the walk, with their row and column)."""
+    walk = len(raw) <= SMALL_BODY_BYTES or _measure(raw, limits, max_rows)
     try:
         body = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -68,6 +86,32 @@ def parse_body(raw: bytes, limits: BodyLimits, max_rows: int | None = None) -> A
     if walk:
         _check_values(body, limits)
     return body
+
+
+def _within_limits(raw: bytes, body: Any, limits: BodyLimits) -> bool:
+    """Whether the bytes alone show that an orjson-parsed body is within the depth and string
+    limits (orjson refuses what else the walk would catch); False means: walk it."""
+    opens = raw.count(b"{") + raw.count(b"[")
+    if opens > limits.max_depth:
+        # {"rows": [{...}, ...]} with no other bracket anywhere (not even in a string) is three
+        # levels deep: every "{" or "[" byte is the body's, the list's or one row's.
+        rows = body.get("rows") if type(body) is dict else None
+        if type(rows) is not list or opens != len(rows) + 2 or not _all_dicts(rows):
+            return False
+    if len(raw) <= limits.max_string_length + 2:
+        return True
+    if b"\\" in raw:  # escaped quotes would pair up the wrong quotes below
+        return False
+    quotes = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == ord('"'))
+    if quotes.size < 2:
+        return True
+    # Without escapes, quotes pair up in order; a string's characters are at most its bytes.
+    pairs = quotes.size - quotes.size % 2
+    return int((quotes[1:pairs:2] - quotes[0:pairs:2]).max()) - 1 <= limits.max_string_length
+
+
+def _all_dicts(rows: list[Any]) -> bool:
+    return not rows or set(map(type, rows)) == {dict}
 
 
 def _measure(raw: bytes, limits: BodyLimits, max_rows: int | None) -> bool:

@@ -54,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import request_deadline
 from .bento import bundled_config
 from .breaker import CircuitBreaker
+from .codec import dumps_bytes
 from .config import ServingConfig, load_config
 from .errors import (
     BatchTooLargeError,
@@ -162,7 +163,7 @@ def error_response(err: GuardedServingError, request_id: str | None = None) -> R
 
 def _json(body: Any, status: int = 200, request_id: str | None = None,
           headers: dict[str, str] | None = None) -> Response:
-    data = json.dumps(body, allow_nan=False, separators=(",", ":"), default=str).encode()
+    data = dumps_bytes(body)
     headers = {**(headers or {}), **({"X-Request-ID": request_id} if request_id else {})}
     return Response(data, status_code=status, media_type="application/json", headers=headers)
 
