@@ -16,6 +16,7 @@ only Python loops run over columns or over the (few) rows that failed.
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -116,19 +117,37 @@ def as_columns(data: pd.DataFrame | Columns | Sequence[Mapping[str, Any]]) -> tu
         return dict(data), (lengths.pop() if lengths else 0)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         rows = list(data)
-        bad = [i for i, r in enumerate(rows) if not isinstance(r, Mapping)]
+        dicts = _all_dicts(rows)
+        bad = [] if dicts else [i for i, r in enumerate(rows) if not isinstance(r, Mapping)]
         if bad:
             raise PayloadError(
                 "every row must be an object of column -> value",
                 [Problem("row is not an object", row=i, expected="object",
                          got=type(rows[i]).__name__) for i in bad[:50]],
             )
-        names: dict[str, None] = {}
-        for r in rows:
-            names.update(dict.fromkeys(r))
-        cols = {str(name): [r.get(name, _MISSING) for r in rows] for name in names}
+        names = _column_names(rows)
+        # dict.get over the rows in C (map) where every row is a plain dict, as parsed JSON is.
+        cols = {str(name): list(map(dict.get, rows, repeat(name), repeat(_MISSING))) if dicts
+                else [r.get(name, _MISSING) for r in rows] for name in names}
         return cols, len(rows)
     raise PayloadError(f"cannot read a batch from {type(data).__name__}", [])
+
+
+def _column_names(rows: list[Mapping[str, Any]]) -> list[Any]:
+    """Every key of the rows, in order of first appearance."""
+    if not rows:
+        return []
+    first = list(rows[0])
+    if len(set().union(*rows)) == len(first):  # the usual batch: the first row names them all
+        return first
+    names: dict[Any, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r))
+    return list(names)
+
+
+def _all_dicts(rows: list[Any]) -> bool:
+    return bool(rows) and set(map(type, rows)) == {dict}
 
 
 @dataclass(frozen=True)
@@ -434,7 +453,10 @@ def _numeric_block(columns: Mapping[str, Any], plan: CheckPlan) -> tuple[
         if type(raw) is not list:
             return None
         raws.append(raw)
-    if not all(type(v) in _NUMBER_TYPES for raw in raws for v in raw):
+    types: set[type] = set()
+    for raw in raws:
+        types.update(map(type, raw))
+    if not types <= _NUMBER_SET:
         return None
     matrix = np.array(raws, dtype=np.float64).T
     integer = plan.block_integer
@@ -452,13 +474,14 @@ def _numeric_block(columns: Mapping[str, Any], plan: CheckPlan) -> tuple[
 #: request would otherwise spend most of its time in pandas constructors).
 SMALL = 64
 _NUMBER_TYPES = (int, float)
+_NUMBER_SET = frozenset(_NUMBER_TYPES)
 
 
 def _isin(values: Any, fp: FeatureProfile) -> np.ndarray:
     if isinstance(values, np.ndarray):
         if len(values) <= 4096:  # a set lookup per value beats building a hash table
             known = fp.category_set
-            return np.fromiter((v in known for v in values), bool, len(values))
+            return np.fromiter(map(known.__contains__, values), bool, len(values))
         # dtype=object: otherwise pandas 3 converts the strings to Arrow first, which costs more.
         return pd.Series(values, dtype=object, copy=False).isin(list(fp.categories)).to_numpy()
     return pd.Series(values, copy=False).isin(list(fp.categories)).to_numpy()
@@ -566,7 +589,7 @@ def _coerce_categorical(raw: Any) -> tuple[Any, np.ndarray, np.ndarray | None]:
     ):
         # A typed string column: keep its (Arrow) array, no conversion on the hot path.
         return raw.array, raw.isna().to_numpy(), None
-    if isinstance(raw, list) and all(type(v) is str for v in raw):
+    if isinstance(raw, list) and (not raw or set(map(type, raw)) == {str}):
         return np.array(raw, dtype=object), np.zeros(len(raw), dtype=bool), None
     obj = raw.to_numpy(dtype=object) if isinstance(raw, pd.Series) else _object_1d(raw)
     missing = None
