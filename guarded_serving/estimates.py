@@ -68,6 +68,8 @@ class LiveEstimates:
         self.view: dict[str, Any] | None = None
         self.cost = [0.0, 0]
         self._lock = threading.Lock()
+        self.sample_rate = config.estimation.sample_rate
+        self._rng = np.random.default_rng()
 
     @classmethod
     def for_config(cls, config: ServingConfig, profile: Profile, **kw: Any) -> LiveEstimates | None:
@@ -125,18 +127,20 @@ class LiveEstimates:
             status = np.concatenate([r.verdicts.status for r in results if r.verdicts is not None])
             cols = columns if keep.all() else {k: v[keep] for k, v in columns.items()}
             preds = self._predictions(estimator.task, routes, primary, fallback, results)
+            n = int(keep.sum())
             tally = estimator.tally(
                 cols,
                 {role: p.take(np.flatnonzero(keep)) for role, p in preds.items()},
                 routes=routes[keep],
                 flagged=status[keep] == FLAGGED_STATUS,
+                sample=None if self.sample_rate >= 1.0 else self._rng.random(n) < self.sample_rate,
             )
         except Exception as e:  # monitoring must never take serving down
             log.warning("live estimates: could not tally %d row(s): %s", len(routes), e)
             return None
         with self._lock:
             self.cost[0] += time.perf_counter() - start
-            self.cost[1] += int(keep.sum())
+            self.cost[1] += n
         return tally
 
     def _predictions(

@@ -28,6 +28,8 @@ WINDOW = 400
 SETTINGS: dict[str, Any] = {
     "drift": {"window_rows": WINDOW, "min_rows": 100},
     "store": {"flush_seconds": 0.3},
+    # Every row estimated, so the tests can count them (the default samples, see below).
+    "estimation": {"sample_rate": 1.0},
 }
 
 
@@ -110,6 +112,39 @@ def test_runtime_estimates_each_drift_window_and_keeps_them_through_compaction(
         assert float(cells[1][1]) > 2 * float(cells[0][1])
     finally:
         rt.close()
+
+
+def test_a_sample_of_rows_is_estimated_and_every_flagged_row(tmp_path: Path) -> None:
+    """At the default sample rate the error models see a uniform tenth of the rows plus every
+    flagged row: the window's estimate counts the rows estimated, stays near the estimate over
+    every row, and the flagged scope is complete."""
+    for name in ("full", "sampled"):
+        (tmp_path / name).mkdir()
+    full, sampled = (
+        ServingRuntime(load_config(write_config(tmp_path / name, **{**SETTINGS, "estimation": est})))
+        for name, est in (("full", {"sample_rate": 1.0}), ("sampled", {}))
+    )
+    try:
+        assert sampled.config.estimation.sample_rate == 0.1
+        rows = _data.json_rows(_data.features(pd.concat([_in_distribution().head(300), _large_stones().head(100)])))
+        for rt in (full, sampled):
+            for i in range(0, WINDOW, 100):
+                rt.predict(rows[i : i + 100], request_id=new_request_id())
+            rt.recorder.flush(10)
+            rt.flush_drift()
+            rt.monitor.view()
+        a, b = (rt.estimates.view["windows"][0] for rt in (full, sampled))  # type: ignore[union-attr]
+        assert a["n"] == WINDOW and a["flagged"]["n"] > 50
+        # Binomial(400, 0.1): 40 expected; outside [15, 75] about once in 10^6 runs.
+        assert 15 <= b["n"] <= 75
+        assert b["flagged"]["n"] == a["flagged"]["n"]
+        assert b["flagged"]["guarded"]["mae"] == pytest.approx(a["flagged"]["guarded"]["mae"])
+        lo, hi = b["bands"]["guarded"]["mae"]
+        assert hi - lo > (a["bands"]["guarded"]["mae"][1] - a["bands"]["guarded"]["mae"][0])
+        assert b["guarded"]["mae"] == pytest.approx(a["guarded"]["mae"], rel=0.6)
+    finally:
+        full.close()
+        sampled.close()
 
 
 def test_no_artefacts_or_disabled_means_no_estimates(tmp_path: Path) -> None:
@@ -198,7 +233,7 @@ def test_a_classifier_is_estimated_live_from_the_served_probabilities(tmp_path: 
     (tmp_path / "serving.yaml").write_text(
         "name: synthetic\ntask: classification\nprimary: primary.onnx\nfallback: fallback.onnx\n"
         f"profile: profile.json\nstore: {{url: 'sqlite:///{tmp_path / 's.sqlite3'}'}}\n"
-        "drift: {window_rows: 500, min_rows: 100}\n"
+        "drift: {window_rows: 500, min_rows: 100}\nestimation: {sample_rate: 1.0}\n"
     )
     rt = ServingRuntime(load_config(tmp_path / "serving.yaml"))
     try:

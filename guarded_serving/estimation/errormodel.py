@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,9 +77,13 @@ class FeatureEncoder:
 
     def _column(self, c: EncodedColumn, raw: Any) -> np.ndarray:
         if c.categories:
-            codes = {v: float(i) for i, v in enumerate(c.categories)}
+            codes = self._codes(c)
             values = np.asarray(raw, dtype=object)
+            if set(map(type, values)) <= {str}:  # checked batches: text only, looked up in C
+                return np.fromiter(map(codes.get, values, repeat(-1.0)), float, len(values))
             return np.fromiter((codes.get(_text(v), -1.0) for v in values), float, len(values))
+        if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" and c.kind != "datetime":
+            return np.where(np.isfinite(raw), raw, c.fill)
         series = pd.Series(raw)
         if c.kind == "datetime" and not pd.api.types.is_numeric_dtype(series):
             from ..profile import epoch_seconds
@@ -87,6 +92,14 @@ class FeatureEncoder:
         else:
             x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
         return np.where(np.isfinite(x), x, c.fill)
+
+    def _codes(self, c: EncodedColumn) -> dict[str, float]:
+        """Category -> its index, built once per column (the encoder is frozen)."""
+        cache: dict[str, dict[str, float]] = self.__dict__.setdefault("_code_cache", {})
+        codes = cache.get(c.name)
+        if codes is None:
+            codes = cache[c.name] = {v: float(i) for i, v in enumerate(c.categories)}
+        return codes
 
     def to_dict(self) -> list[dict[str, Any]]:
         return [

@@ -136,6 +136,7 @@ class WindowEstimator:
         predictions: Mapping[str, Prediction | None],
         routes: Any = None,
         flagged: Any = None,
+        sample: Any = None,
     ) -> WindowTally:
         """Sums for one batch of served (not rejected) rows.
 
@@ -143,7 +144,10 @@ class WindowEstimator:
         role -> the model's ``Prediction`` for every row (NaN labels, or NaN probability rows, where
         it did not predict); ``routes``: per row "primary" or "fallback", the role whose answer was
         served (default: "primary"); ``flagged``: per row whether the checks flagged it (outside
-        the training support).
+        the training support); ``sample``: per row whether it is in a uniform random sample of
+        the batch (default: every row is). The "all" scope sums the sampled rows, the "flagged"
+        scope every flagged row, sampled or not; the error models see only those rows. A sample
+        leaves the estimates unbiased and their bands those of the rows estimated (wider).
         """
         n = (
             len(features)
@@ -156,13 +160,21 @@ class WindowEstimator:
             else np.asarray(routes, dtype=object)
         )
         flagged = np.zeros(n, dtype=bool) if flagged is None else np.asarray(flagged, dtype=bool)
+        sampled = np.ones(n, dtype=bool) if sample is None else np.asarray(sample, dtype=bool)
+        needed = sampled | flagged
+        if not needed.all():
+            idx = np.flatnonzero(needed)
+            features = (features.iloc[idx] if isinstance(features, pd.DataFrame)
+                        else {k: v[idx] for k, v in features.items()})
+            predictions = {r: None if p is None else p.take(idx) for r, p in predictions.items()}
+            routes, flagged, sampled, n = routes[idx], flagged[idx], sampled[idx], idx.size
         per_row = self._per_row(features, predictions, n)
         if "primary" in per_row and "fallback" in per_row:
             per_row["guarded"] = _served(per_row, routes == "fallback")
         elif "primary" in per_row:
             per_row["guarded"] = per_row["primary"]
         out: dict[str, dict[str, Tally]] = {}
-        for scope, mask in (("all", np.ones(n, dtype=bool)), ("flagged", flagged)):
+        for scope, mask in (("all", sampled), ("flagged", flagged)):
             out[scope] = {
                 role: self._tally({k: v[mask] for k, v in rows.items()})
                 for role, rows in per_row.items()
