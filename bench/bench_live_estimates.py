@@ -1,7 +1,7 @@
 """Benchmark: what the live estimates cost the recorder, per 1,000 served rows.
 
     python bench/bench_live_estimates.py              # 5 rounds of 5,000 rows per batch size
-    python bench/bench_live_estimates.py --rounds 3 --rows 2000
+    python bench/bench_live_estimates.py --rounds 3 --rows 2000 --sample-rate 1.0 0.1
 
 An in-process ``ServingRuntime`` of the example (SQLite store in a temporary folder, everything
 on) serves the holdout in requests of 1, 100 and 1,000 rows; the recorder's consumer thread
@@ -34,10 +34,14 @@ from tests.server import write_config  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "live_estimates.json"
 
 
-def one_run(rows: list[dict[str, Any]], batch: int, estimation: bool) -> tuple[float, float, int]:
+def one_run(rows: list[dict[str, Any]], batch: int, estimation: bool,
+            sample_rate: float | None = None) -> tuple[float, float, int]:
     """(recorder seconds, tally seconds, rows) for serving ``rows`` in batches of ``batch``."""
+    settings: dict[str, Any] = {"enabled": estimation}
+    if sample_rate is not None:
+        settings["sample_rate"] = sample_rate
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = write_config(Path(tmp), estimation={"enabled": estimation}, drift={"window_rows": 1000})
+        cfg = write_config(Path(tmp), estimation=settings, drift={"window_rows": 1000})
         rt = ServingRuntime(load_config(cfg))
         try:
             process = rt.recorder._process  # timed in the consumer thread, where it runs
@@ -63,27 +67,38 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
+    ap.add_argument("--sample-rate", type=float, nargs="+", default=[1.0, 0.1],
+                    help="estimation.sample_rate of the runs with estimation on (0.1 is the default)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     holdout = _data.features(_data.holdout())
     rows = _data.json_rows(holdout.sample(args.rows, replace=True, random_state=0))
     out: dict[str, Any] = {"rows": args.rows, "rounds": args.rounds, "cases": {}}
-    print(f"{'batch':>6} {'tally ms/1k':>12} {'recorder off':>13} {'recorder on':>12} {'ratio':>6}")
+    rates = args.sample_rate
+    print(f"{'batch':>6} {'recorder off':>13}" + "".join(
+        f" {'tally at ' + str(r):>12} {'recorder on':>12} {'ratio':>6}" for r in rates))
     for batch in args.batches:
-        off, on, tally = [], [], []
-        for _ in range(args.rounds):
+        off: list[float] = []
+        on: dict[float, list[float]] = {r: [] for r in rates}
+        tally: dict[float, list[float]] = {r: [] for r in rates}
+        for _ in range(args.rounds):  # alternating: off, then each sample rate
             rec, _t, n = one_run(rows, batch, False)
             off.append(rec / n * 1e6)
-            rec, t, n = one_run(rows, batch, True)
-            on.append(rec / n * 1e6)
-            tally.append(t / n * 1e6)
-        case = {"tally_ms_per_1000_rows": statistics.median(tally),
-                "recorder_ms_per_1000_rows_off": statistics.median(off),
-                "recorder_ms_per_1000_rows_on": statistics.median(on)}
-        case["recorder_ratio_on_off"] = case["recorder_ms_per_1000_rows_on"] / case["recorder_ms_per_1000_rows_off"]
+            for r in rates:
+                rec, t, n = one_run(rows, batch, True, r)
+                on[r].append(rec / n * 1e6)
+                tally[r].append(t / n * 1e6)
+        case: dict[str, Any] = {"recorder_ms_per_1000_rows_off": statistics.median(off), "sample_rates": {}}
+        line = f"{batch:>6} {case['recorder_ms_per_1000_rows_off']:>13.1f}"
+        for r in rates:
+            c = {"tally_ms_per_1000_rows": statistics.median(tally[r]),
+                 "recorder_ms_per_1000_rows_on": statistics.median(on[r])}
+            c["recorder_ratio_on_off"] = c["recorder_ms_per_1000_rows_on"] / case["recorder_ms_per_1000_rows_off"]
+            case["sample_rates"][str(r)] = c
+            line += (f" {c['tally_ms_per_1000_rows']:>12.1f} {c['recorder_ms_per_1000_rows_on']:>12.1f}"
+                     f" {c['recorder_ratio_on_off']:>6.2f}")
         out["cases"][str(batch)] = case
-        print(f"{batch:>6} {case['tally_ms_per_1000_rows']:>12.1f} {case['recorder_ms_per_1000_rows_off']:>13.1f}"
-              f" {case['recorder_ms_per_1000_rows_on']:>12.1f} {case['recorder_ratio_on_off']:>6.2f}")
+        print(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
