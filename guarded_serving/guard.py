@@ -49,6 +49,9 @@ class Route(StrEnum):
 
 
 PRIMARY, FALLBACK_ROUTE, REJECTED = Route.PRIMARY.value, Route.FALLBACK.value, Route.REJECTED.value
+#: Routes as fixed-width text: numpy compares and copies them in C (an object array would call
+#: ``str.__eq__`` once per row).
+ROUTE_DTYPE = f"<U{max(len(r.value) for r in Route)}"
 #: Threads of the primary model's executor (per worker process), and calls that may wait for
 #: one (each within its own deadline); past that a call is answered by the fallback at once.
 PRIMARY_THREADS = 8
@@ -219,7 +222,7 @@ class GuardedModel:
                     verdicts.problems,
                 )
             reasons = verdicts.reasons()
-            routes = np.full(n, FALLBACK_ROUTE, dtype=object)
+            routes = np.full(n, FALLBACK_ROUTE, dtype=ROUTE_DTYPE)
             routes[status == OK] = PRIMARY
             routes[verdicts.rejected] = REJECTED
 
@@ -402,7 +405,7 @@ class GuardedModel:
         return GuardedResult(
             n_rows=n,
             predictions=served,
-            routes=routes.astype(str),
+            routes=routes,
             reasons=reasons,
             timing_ms={},
             probabilities=probs,
