@@ -61,12 +61,13 @@ def main() -> None:
         con = sqlite3.connect(path)
         con.execute("VACUUM")
         sizes = dict(con.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
+        payload = con.execute("SELECT SUM(LENGTH(body)) FROM gs_log_batches").fetchone()[0]
         con.close()
-    body = sum(v for k, v in sizes.items() if "log_batches" in k)
+    body = sum(v for k, v in sizes.items() if "log_batches" in k or "log_schemas" in k)
     index = sum(v for k, v in sizes.items() if "log_keys" in k)
     print(f"{args.requests} requests of {args.rows} row(s), a flush every {args.flush} requests: {rows} rows logged")
     print(f"bytes per logged row: bodies {body / rows:.1f}, index {index / rows:.1f}, "
-          f"total {(body + index) / rows:.1f}")
+          f"total {(body + index) / rows:.1f} (bodies' own bytes {payload / rows:.1f})")
 
 
 if __name__ == "__main__":
