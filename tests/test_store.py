@@ -118,6 +118,34 @@ def test_log_predictions_ignores_duplicates(store: Store) -> None:
     store.log_predictions([])
 
 
+def test_a_request_repeated_within_a_batch_keeps_its_first_rows(store: Store) -> None:
+    # Not one run a request: the slow path, row by row, drops what repeats or is already logged.
+    store.log_predictions(_rows("r0", 1))
+    rows = _rows("r1", 2) + _rows("r2", 1) + _rows("r1", 3, ts=500.0) + _rows("r0", 2) + _rows("r2", 1)
+    assert store.log_predictions(rows) == 2 + 1 + 1 + 1
+    assert [store.request_row_count(r) for r in ("r0", "r1", "r2")] == [2, 3, 1]
+    df = store.joined().sort_values(["request_id", "row"])
+    assert df.loc[df.request_id == "r1", "ts"].tolist() == [100.0, 101.0, 502.0]
+
+
+def test_long_bodies_are_stored_in_parts_and_purged_with_their_batch(store: Store) -> None:
+    from guarded_serving.store.sql import BODY_PART
+
+    store.log_predictions(_rows("big", 600, ts=10.0))
+    store.log_predictions(_rows("small", 1, ts=2000.0))
+    with store.engine.connect() as conn:
+        parts = conn.execute(sa.select(sa.func.count()).select_from(store.t_log_parts)).scalar_one()
+    size = store.log_size()
+    assert parts >= 2 and size["body_bytes"] > parts * BODY_PART
+    df = store.joined()
+    assert len(df) == 601 and df.loc[df.request_id == "big", "row"].tolist() == list(range(600))
+    assert df.loc[df.request_id == "big", "features"].iloc[599] == {"carat": 599.5, "cut": "Ideal"}
+    assert store.purge_predictions(1000.0) == 600
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.t_log_parts)).scalar_one() == 0
+    assert store.joined()["request_id"].tolist() == ["small"]
+
+
 def test_joined_decodes_json_and_joins_outcomes(store: Store) -> None:
     probs = {"classes": ["a", "b"], "primary": [0.2, 0.8], "fallback": [0.6, 0.4], "served": [0.2, 0.8]}
     store.log_predictions(_rows("r1", 4) + _rows("r2", 2, ts=50.0, probabilities=probs))

@@ -62,6 +62,12 @@ _SQLITE_BUSY_MS = 10_000
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's limits on bound parameters.
 _CHUNK = 500
+#: A 64-bit key: in SQLite the rowid itself (INTEGER PRIMARY KEY), not a second index beside it.
+_INT64 = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+#: Bytes of a stored part of a log body: four rows of one fill a 4 KB SQLite page.
+BODY_PART = 1000
+#: Part numbers per batch in ``log_parts`` ids (a 65 MB body at most).
+PARTS_PER_BATCH = 1 << 16
 _NUMERIC_DTYPES: dict[str, type] = {"row": int, "ts": float, "latency_ms": float, "outcome_ts": float}
 
 
@@ -158,6 +164,15 @@ class Store:
             sa.Index(f"{p}log_batches_last_ts", "last_ts"),
             sqlite_autoincrement=True,
         )
+        # The leading whole parts of a body longer than ``BODY_PART`` bytes (the rest, under a part,
+        # stays in its ``log_batches`` row), as PostgreSQL's TOAST cuts long values: a body of 2-4
+        # KB in one row took a whole 4 KB SQLite page, as much as its bytes again; parts of one
+        # size fill pages four to one. Keyed ``batch_id * PARTS_PER_BATCH + part``: a rowid in SQLite.
+        self.t_log_parts = sa.Table(
+            f"{p}log_parts", md,
+            sa.Column("id", _INT64, primary_key=True, autoincrement=False),
+            sa.Column("data", sa.LargeBinary, nullable=False),
+        )
         # One row per run of a request's rows in a batch (one per request for the service),
         # keyed by ``request_key`` (16 bytes for a server-made id where its text takes 32: at one
         # row a request, the index is a third of the log). Named anew when the key became bytes
@@ -179,7 +194,7 @@ class Store:
         # at 50 rows a flush it was an eighth of a body.
         self.t_log_schemas = sa.Table(
             f"{p}log_schemas", md,
-            sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+            sa.Column("id", _INT64, primary_key=True, autoincrement=False),
             sa.Column("body", sa.LargeBinary, nullable=False),
         )
         self.t_outcomes = sa.Table(
@@ -343,10 +358,17 @@ class Store:
             if encoded.schema_id not in self._schemas:
                 conn.execute(self._insert(self.t_log_schemas).values(id=encoded.schema_id, body=encoded.schema))
             ts = batch.columns["ts"]
+            body = encoded.body
+            whole = len(body) // BODY_PART * BODY_PART
             res = conn.execute(t.insert().values(
                 first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
-                body=encoded.body))
+                body=body[whole:]))
             batch_id = _new_id(res)
+            if whole:
+                first = batch_id * PARTS_PER_BATCH
+                conn.execute(self.t_log_parts.insert(), [
+                    {"id": first + i, "data": body[at:at + BODY_PART]}
+                    for i, at in enumerate(range(0, whole, BODY_PART))])
             fps = batch.fingerprints
             conn.execute(ix.insert(), [
                 {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
@@ -396,6 +418,30 @@ class Store:
                 log.warning("request id %r was used for other rows on another worker at the same "
                             "time; the later request's rows are not logged", rid)
 
+    def _whole_bodies(self, conn: Connection, rows: Sequence[Any]) -> list[tuple[int, bytes]]:
+        """(batch id, body) of ``log_batches`` rows (id, body), their parts put back in front."""
+        ids = [int(r[0]) for r in rows]
+        parts: dict[int, list[bytes]] = {}
+        for cond in self._part_ranges(ids):
+            pt = self.t_log_parts
+            for pid, data in conn.execute(sa.select(pt.c.id, pt.c.data).where(cond).order_by(pt.c.id)):
+                parts.setdefault(int(pid) // PARTS_PER_BATCH, []).append(bytes(data))
+        return [(i, b"".join([*parts.get(i, ()), bytes(r[1])])) for i, r in zip(ids, rows, strict=True)]
+
+    def _part_ranges(self, batch_ids: list[int]) -> Iterator[Any]:
+        """Conditions on ``log_parts.id`` that cover the parts of ``batch_ids``, a query each."""
+        ids = sorted(set(batch_ids))
+        spans: list[tuple[int, int]] = []
+        for i in ids:  # consecutive batch ids: one range
+            if spans and spans[-1][1] == i:
+                spans[-1] = (spans[-1][0], i + 1)
+            else:
+                spans.append((i, i + 1))
+        pid = self.t_log_parts.c.id
+        for at in range(0, len(spans), _CHUNK):
+            yield sa.or_(*(sa.and_(pid >= a * PARTS_PER_BATCH, pid < b * PARTS_PER_BATCH)
+                           for a, b in spans[at:at + _CHUNK]))
+
     def _load_schemas(self, conn: Connection, ids: set[int | None]) -> None:
         s = self.t_log_schemas
         missing = sorted(i for i in ids if i is not None and i not in self._schemas)
@@ -428,6 +474,8 @@ class Store:
         with self._read("measuring the prediction log") as conn:
             rows, body = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0),
                                                 sa.func.coalesce(sa.func.sum(sa.func.length(t.c.body)), 0))).one()
+            body += conn.execute(sa.select(sa.func.coalesce(
+                sa.func.sum(sa.func.length(self.t_log_parts.c.data)), 0))).scalar_one()
             runs, ids = conn.execute(sa.select(sa.func.count(),
                                                sa.func.coalesce(sa.func.sum(sa.func.length(ix.c.request_key)), 0))).one()
         return {"rows": int(rows), "body_bytes": int(body), "index_entries": int(runs),
@@ -445,6 +493,8 @@ class Store:
                 sa.select(ix.c.request_key).where(ix.c.batch_id.in_(old)))})
             for chunk in _chunks(gone):
                 conn.execute(o.delete().where(o.c.request_id.in_(chunk)))
+            for cond in self._part_ranges([int(i) for (i,) in conn.execute(old)]):
+                conn.execute(self.t_log_parts.delete().where(cond))
             conn.execute(ix.delete().where(ix.c.batch_id.in_(old)))
             conn.execute(t.delete().where(t.c.last_ts < cut))
             return int(n)
@@ -555,7 +605,7 @@ class Store:
                 q = sa.select(t.c.id, t.c.body)
             if q is not None and since is not None:
                 q = q.where(t.c.last_ts >= float(since))
-            bodies = [] if q is None else conn.execute(q.order_by(t.c.id)).all()
+            bodies = [] if q is None else self._whole_bodies(conn, conn.execute(q.order_by(t.c.id)).all())
             self._load_schemas(conn, {schema_id_of(b) for _, b in bodies} - {None})
             if outcomes is None:
                 outcomes = conn.execute(sa.select(o.c.request_id, o.c.row, o.c.outcome, o.c.ts)).all()
@@ -563,8 +613,8 @@ class Store:
         if since is not None and len(frame):
             frame = frame[frame["ts"].to_numpy() >= float(since)]
         got = {(r[0], int(r[1])): (loads(r[2]), float(r[3])) for r in outcomes}
-        keys = zip(frame["request_id"].tolist(), frame["row"].tolist(), strict=True)
-        found = [got.get(k) for k in keys]
+        row_keys = zip(frame["request_id"].tolist(), frame["row"].tolist(), strict=True)
+        found = [got.get(k) for k in row_keys]
         frame = frame.assign(outcome=pd.Series([None if f is None else f[0] for f in found], dtype=object,
                                                index=frame.index),
                              outcome_ts=np.array([np.nan if f is None else f[1] for f in found], dtype=float))
