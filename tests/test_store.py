@@ -128,6 +128,13 @@ def test_a_request_repeated_within_a_batch_keeps_its_first_rows(store: Store) ->
     assert df.loc[df.request_id == "r1", "ts"].tolist() == [100.0, 101.0, 502.0]
 
 
+def test_an_in_memory_store_keeps_the_log() -> None:
+    store = Store("sqlite://")
+    store.log_predictions(_rows("r1", 2))
+    assert store.joined()["prediction"].tolist() == [100.0, 101.0]
+    store.close()
+
+
 def test_long_bodies_are_stored_in_parts_and_purged_with_their_batch(store: Store) -> None:
     from guarded_serving.store.sql import BODY_PART
 

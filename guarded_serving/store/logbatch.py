@@ -67,6 +67,7 @@ LATENCY_DIGITS = 3
 _MAX_DIGITS = 9
 _MAX_SCALED = 2.0**53
 _SCALES = 10.0 ** np.arange(_MAX_DIGITS + 1)
+_SCALES_PY = _SCALES.tolist()
 #: Where the served prediction came from (``_prediction_source``).
 _SOURCE = "prediction_source"
 _SCALAR_KINDS = ("string", "integer", "floating", "boolean", "empty")
@@ -224,25 +225,40 @@ def _hex_ids(request_id: np.ndarray) -> pa.Array | None:
 
 def _decimal(values: np.ndarray) -> tuple[np.ndarray, int] | None:
     """``(integers, digits)`` with ``integers / 10.0**digits`` equal to ``values`` bit for bit
-    (NaN where ``values`` is NaN), for the fewest digits that do it: numbers typed with a few
+    (NaN where ``values`` is NaN), for the digits the first values need: numbers typed with a few
     decimals (prices, sizes, milliseconds) then take a third of the bytes of float64 (the idea of
     ALP, Afroozeh et al., SIGMOD 2024). None for other numbers."""
-    finite = ~np.isnan(values)
-    x = values[finite]
-    if not len(x) or not np.isfinite(x).all() or np.signbit(x[x == 0]).any():
+    digits = _digits(values[:8].tolist())
+    if digits is None:
         return None
-    probe = x[:8, None]  # the fewest digits that fit the first values, tried on all of them
-    fits = (np.rint(probe * _SCALES) / _SCALES == probe).all(axis=0)
-    if not fits.any():
+    scale = _SCALES[digits]
+    ints = np.rint(values * scale)
+    missing = np.isnan(values)
+    exact = (ints / scale == values) | missing
+    if not exact.all() or np.signbit(values[values == 0]).any():
         return None
-    k = int(np.argmax(fits))
-    scale = _SCALES[k]
-    ints = np.rint(x * scale)
-    if np.abs(ints).max() >= _MAX_SCALED or not np.array_equal(ints / scale, x):
+    ints[missing] = 0
+    if np.abs(ints).max(initial=0) >= _MAX_SCALED:
         return None
-    out = np.zeros(len(values), dtype=np.int64)
-    out[finite] = ints.astype(np.int64)
-    return out, k
+    return ints.astype(np.int64), digits
+
+
+def _digits(head: list[float]) -> int | None:
+    """The decimal digits the values of ``head`` need (NaN aside), None if some need more than
+    ``_MAX_DIGITS`` or are not finite; plain Python: a few values, no array overhead."""
+    most = 0
+    for v in head:
+        if v != v:
+            continue
+        if not -_MAX_SCALED < v < _MAX_SCALED:
+            return None
+        for k, scale in enumerate(_SCALES_PY):
+            if round(v * scale) / scale == v:
+                most = max(most, k)
+                break
+        else:
+            return None
+    return most
 
 
 def _prediction_source(columns: dict[str, np.ndarray]) -> np.ndarray | None:

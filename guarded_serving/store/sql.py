@@ -119,8 +119,9 @@ class Store:
                 except OSError as e:
                     raise StoreError(f"cannot create the directory of SQLite file {database}: {e}") from e
             else:
-                kw["poolclass"] = StaticPool
+                kw["poolclass"] = StaticPool  # one connection: nothing to wait for in a pool
                 kw["connect_args"] = {"check_same_thread": False}
+                del kw["pool_timeout"]
         try:
             self.engine = sa.create_engine(parsed, **kw)
         except Exception as e:  # noqa: BLE001 - unknown driver, bad arguments
