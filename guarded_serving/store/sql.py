@@ -66,8 +66,8 @@ _CHUNK = 500
 _INT64 = sa.BigInteger().with_variant(sa.Integer, "sqlite")
 #: Bytes of a stored part of a log body: four rows of one fill a 4 KB SQLite page.
 BODY_PART = 1000
-#: Part numbers per batch in ``log_parts`` ids (a 65 MB body at most).
-PARTS_PER_BATCH = 1 << 16
+#: Part numbers per batch in ``log_parts`` ids (a body of 1 GB at most).
+PARTS_PER_BATCH = 1 << 20
 _NUMERIC_DTYPES: dict[str, type] = {"row": int, "ts": float, "latency_ms": float, "outcome_ts": float}
 
 
@@ -361,6 +361,9 @@ class Store:
             ts = batch.columns["ts"]
             body = encoded.body
             whole = len(body) // BODY_PART * BODY_PART
+            if whole // BODY_PART >= PARTS_PER_BATCH:
+                raise StoreError(f"a log batch of {len(batch)} rows encodes to {len(body)} bytes, more "
+                                 f"than the {BODY_PART * PARTS_PER_BATCH} a batch can hold; flush more often")
             res = conn.execute(t.insert().values(
                 first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
                 body=body[whole:]))
