@@ -118,6 +118,41 @@ def test_log_predictions_ignores_duplicates(store: Store) -> None:
     store.log_predictions([])
 
 
+def test_a_request_repeated_within_a_batch_keeps_its_first_rows(store: Store) -> None:
+    # Not one run a request: the slow path, row by row, drops what repeats or is already logged.
+    store.log_predictions(_rows("r0", 1))
+    rows = _rows("r1", 2) + _rows("r2", 1) + _rows("r1", 3, ts=500.0) + _rows("r0", 2) + _rows("r2", 1)
+    assert store.log_predictions(rows) == 2 + 1 + 1 + 1
+    assert [store.request_row_count(r) for r in ("r0", "r1", "r2")] == [2, 3, 1]
+    df = store.joined().sort_values(["request_id", "row"])
+    assert df.loc[df.request_id == "r1", "ts"].tolist() == [100.0, 101.0, 502.0]
+
+
+def test_an_in_memory_store_keeps_the_log() -> None:
+    store = Store("sqlite://")
+    store.log_predictions(_rows("r1", 2))
+    assert store.joined()["prediction"].tolist() == [100.0, 101.0]
+    store.close()
+
+
+def test_long_bodies_are_stored_in_parts_and_purged_with_their_batch(store: Store) -> None:
+    from guarded_serving.store.sql import BODY_PART
+
+    store.log_predictions(_rows("big", 600, ts=10.0))
+    store.log_predictions(_rows("small", 1, ts=2000.0))
+    with store.engine.connect() as conn:
+        parts = conn.execute(sa.select(sa.func.count()).select_from(store.t_log_parts)).scalar_one()
+    size = store.log_size()
+    assert parts >= 2 and size["body_bytes"] > parts * BODY_PART
+    df = store.joined()
+    assert len(df) == 601 and df.loc[df.request_id == "big", "row"].tolist() == list(range(600))
+    assert df.loc[df.request_id == "big", "features"].iloc[599] == {"carat": 599.5, "cut": "Ideal"}
+    assert store.purge_predictions(1000.0) == 600
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(store.t_log_parts)).scalar_one() == 0
+    assert store.joined()["request_id"].tolist() == ["small"]
+
+
 def test_joined_decodes_json_and_joins_outcomes(store: Store) -> None:
     probs = {"classes": ["a", "b"], "primary": [0.2, 0.8], "fallback": [0.6, 0.4], "served": [0.2, 0.8]}
     store.log_predictions(_rows("r1", 4) + _rows("r2", 2, ts=50.0, probabilities=probs))
@@ -170,22 +205,55 @@ def test_server_made_and_client_ids_share_the_log_with_distinct_keys(store: Stor
         store.add_outcomes([(server.upper(), 0, 1.0)])
 
 
-def test_bodies_written_before_whole_stream_compression_still_read() -> None:
-    # Bodies of the first batch format (Arrow's per-buffer zstd) stay readable.
+#: A body of the second format (the whole IPC stream with its schema, one zstd frame), written by
+#: that code: two server-made requests of three rows, labels, probabilities and features.
+V1_BODY = Path(__file__).parent / "data" / "logbatch_v1_zstd_stream.bin"
+V1_IDS = ["018f3a2b4c5d7e6f8a9b0c1d2e3f4051", "018f3a2b4c5e7a6b8c9d0e1f20314253"]
+
+
+def _check_v1(cols: Any) -> None:
+    assert list(cols["request_id"]) == [V1_IDS[0]] * 3 + [V1_IDS[1]] * 3
+    assert list(cols["row"]) == [0, 1, 2] * 2
+    assert list(cols["fallback_prediction"]) == ["setosa", "versicolor", "versicolor"] * 2
+    assert list(cols["model"]) == ["iris"] * 6 and list(cols["primary_version"]) == ["3"] * 6
+    assert cols["probabilities"][0] == {"classes": ["setosa", "versicolor"], "served": [0.9, 0.1]}
+
+
+def test_bodies_of_earlier_formats_still_read() -> None:
     import io
 
     import pyarrow as pa
 
-    from guarded_serving.store.logbatch import LogBatch, decode, encode
+    from guarded_serving.store.logbatch import decode
 
-    batch = LogBatch.from_rows(_rows("r1", 3))
-    with pa.ipc.open_stream(pa.input_stream(pa.py_buffer(encode(batch)), compression="zstd")) as r:
+    body = V1_BODY.read_bytes()
+    cols = decode(body)
+    _check_v1(cols)
+    assert list(cols["f:species_hint"]) == ["a", "a", None] * 2
+    # The first format: the same stream with Arrow's per-buffer compression.
+    with pa.ipc.open_stream(pa.input_stream(pa.py_buffer(body), compression="zstd")) as r:
         table = r.read_all()
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
         w.write_table(table)
-    old = decode(sink.getvalue())
-    assert old["request_id"].tolist() == ["r1"] * 3 and old["prediction"].tolist() == [100.0, 101.0, 102.0]
+    _check_v1(decode(sink.getvalue()))
+
+
+def test_a_store_with_bodies_of_the_earlier_format_reads_and_extends_them(store: Store) -> None:
+    from guarded_serving.store.sql import request_key
+
+    with store.engine.begin() as conn:
+        batch_id = conn.execute(store.t_log_batches.insert().values(
+            first_ts=1717000000.25, last_ts=1717000001.45, rows=6, body=V1_BODY.read_bytes())).inserted_primary_key[0]
+        conn.execute(store.t_log_index.insert(), [
+            {"request_key": request_key(r), "first_row": 0, "n_rows": 3, "batch_id": batch_id} for r in V1_IDS])
+    store.log_predictions(_rows(V1_IDS[0], 3) + _rows("new", 2))  # the old request again: left out
+    assert store.request_row_count(V1_IDS[0]) == 3
+    df = store.joined()
+    assert len(df) == 8
+    _check_v1({c: df.loc[df.request_id.isin(V1_IDS), c].tolist() for c in df.columns})
+    assert df.loc[df.request_id == "new", "model"].tolist() == ["diamonds-price"] * 2
+    assert store.add_outcomes([(V1_IDS[1], 2, "setosa")])["stored"] == 1
 
 
 def test_purge_removes_old_predictions_and_their_outcomes(store: Store) -> None:

@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from sqlalchemy.pool import StaticPool
 
 from ..codec import dumps, jsonable, loads
 from ..errors import ConflictError, NotFoundError, Problem, StoreError
-from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode, is_hex_id
+from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode, is_hex_id, schema_id_of
 from .logbatch import JSON_COLUMNS as JSON_COLUMNS  # re-exported
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ _SQLITE_BUSY_MS = 10_000
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 # Keeps IN (...) lists well under SQLite's and PostgreSQL's limits on bound parameters.
 _CHUNK = 500
+#: A 64-bit key: in SQLite the rowid itself (INTEGER PRIMARY KEY), not a second index beside it.
+_INT64 = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+#: Bytes of a stored part of a log body: four rows of one fill a 4 KB SQLite page.
+BODY_PART = 1000
+#: Part numbers per batch in ``log_parts`` ids (a body of 1 GB at most).
+PARTS_PER_BATCH = 1 << 20
 _NUMERIC_DTYPES: dict[str, type] = {"row": int, "ts": float, "latency_ms": float, "outcome_ts": float}
 
 
@@ -112,8 +119,9 @@ class Store:
                 except OSError as e:
                     raise StoreError(f"cannot create the directory of SQLite file {database}: {e}") from e
             else:
-                kw["poolclass"] = StaticPool
+                kw["poolclass"] = StaticPool  # one connection: nothing to wait for in a pool
                 kw["connect_args"] = {"check_same_thread": False}
+                del kw["pool_timeout"]
         try:
             self.engine = sa.create_engine(parsed, **kw)
         except Exception as e:  # noqa: BLE001 - unknown driver, bad arguments
@@ -125,6 +133,8 @@ class Store:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _dispose_in_child(ref))
         self.metadata = sa.MetaData()
+        #: Log schemas known to be stored (id -> schema message): written and read once each.
+        self._schemas: dict[int, bytes] = {}
         self._define_tables()
         self._create_tables()
 
@@ -155,6 +165,15 @@ class Store:
             sa.Index(f"{p}log_batches_last_ts", "last_ts"),
             sqlite_autoincrement=True,
         )
+        # The leading whole parts of a body longer than ``BODY_PART`` bytes (the rest, under a part,
+        # stays in its ``log_batches`` row), as PostgreSQL's TOAST cuts long values: a body of 2-4
+        # KB in one row took a whole 4 KB SQLite page, as much as its bytes again; parts of one
+        # size fill pages four to one. Keyed ``batch_id * PARTS_PER_BATCH + part``: a rowid in SQLite.
+        self.t_log_parts = sa.Table(
+            f"{p}log_parts", md,
+            sa.Column("id", _INT64, primary_key=True, autoincrement=False),
+            sa.Column("data", sa.LargeBinary, nullable=False),
+        )
         # One row per run of a request's rows in a batch (one per request for the service),
         # keyed by ``request_key`` (16 bytes for a server-made id where its text takes 32: at one
         # row a request, the index is a third of the log). Named anew when the key became bytes
@@ -171,6 +190,13 @@ class Store:
             # No index on batch_id: bodies carry their own request ids, so reads never need
             # one, and only the hourly purge scans this table by batch.
             sqlite_with_rowid=False,
+        )
+        # The Arrow schema of log bodies, each kept once (with the batch's constant columns):
+        # at 50 rows a flush it was an eighth of a body.
+        self.t_log_schemas = sa.Table(
+            f"{p}log_schemas", md,
+            sa.Column("id", _INT64, primary_key=True, autoincrement=False),
+            sa.Column("body", sa.LargeBinary, nullable=False),
         )
         self.t_outcomes = sa.Table(
             f"{p}outcomes", md,
@@ -322,34 +348,55 @@ class Store:
             return 0
         t, ix = self.t_log_batches, self.t_log_index
         with self._write(f"logging {len(batch)} prediction row(s)") as conn:
-            keep = self._new_rows(conn, batch)
-            if not keep.all():
+            runs = _runs(batch.request_id, batch.row)
+            keep = self._new_rows(conn, batch, runs)
+            if keep is not None:
                 batch = batch.take(keep)
+                runs = _runs(batch.request_id, batch.row)
             if not len(batch):
                 return 0
+            encoded = encode(batch)
+            if encoded.schema_id not in self._schemas:
+                conn.execute(self._insert(self.t_log_schemas).values(id=encoded.schema_id, body=encoded.schema))
             ts = batch.columns["ts"]
+            body = encoded.body
+            whole = len(body) // BODY_PART * BODY_PART
+            if whole // BODY_PART >= PARTS_PER_BATCH:
+                raise StoreError(f"a log batch of {len(batch)} rows encodes to {len(body)} bytes, more "
+                                 f"than the {BODY_PART * PARTS_PER_BATCH} a batch can hold; flush more often")
             res = conn.execute(t.insert().values(
                 first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
-                body=encode(batch)))
+                body=body[whole:]))
             batch_id = _new_id(res)
+            if whole:
+                first = batch_id * PARTS_PER_BATCH
+                conn.execute(self.t_log_parts.insert(), [
+                    {"id": first + i, "data": body[at:at + BODY_PART]}
+                    for i, at in enumerate(range(0, whole, BODY_PART))])
             fps = batch.fingerprints
             conn.execute(ix.insert(), [
                 {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
                  "fingerprint": fps.get(rid)}
-                for rid, first, n in _runs(batch.request_id, batch.row)])
-            return len(batch)
+                for rid, first, n in runs.rows()])
+        self._schemas[encoded.schema_id] = encoded.schema  # committed
+        return len(batch)
 
-    def _new_rows(self, conn: Connection, batch: LogBatch) -> np.ndarray:
-        """Mask of the batch's rows not logged yet (and first of their key within the batch)."""
-        logged = self._coverage(conn, sorted(set(batch.request_id.tolist())))
+    def _new_rows(self, conn: Connection, batch: LogBatch, runs: _Runs) -> np.ndarray | None:
+        """Mask of the batch's rows not logged yet (and first of their key within the batch);
+        None when that is all of them: distinct requests, none logged before (the common case,
+        checked a request at a time, not a row at a time)."""
+        ids = runs.request_id.tolist()
+        logged = self._coverage(conn, sorted(set(ids)))
         if batch.fingerprints and logged:
             self._warn_reused(conn, batch.fingerprints, logged)
+        if not logged and len(set(ids)) == len(ids):
+            return None
         keys = list(zip(batch.request_id.tolist(), batch.row.tolist(), strict=True))
         seen: set[tuple[str, int]] = set()
         keep = np.ones(len(keys), dtype=bool)
         for i, key in enumerate(keys):
-            runs = logged.get(key[0])
-            if key in seen or (runs and any(a <= key[1] < a + n for a, n in runs)):
+            covered = logged.get(key[0])
+            if key in seen or (covered and any(a <= key[1] < a + n for a, n in covered)):
                 keep[i] = False
             seen.add(key)
         return keep
@@ -374,6 +421,37 @@ class Store:
             if stored is not None and stored != fingerprints[rid]:
                 log.warning("request id %r was used for other rows on another worker at the same "
                             "time; the later request's rows are not logged", rid)
+
+    def _whole_bodies(self, conn: Connection, rows: Sequence[Any]) -> list[tuple[int, bytes]]:
+        """(batch id, body) of ``log_batches`` rows (id, body), their parts put back in front."""
+        ids = [int(r[0]) for r in rows]
+        parts: dict[int, list[bytes]] = {}
+        for cond in self._part_ranges(ids):
+            pt = self.t_log_parts
+            for pid, data in conn.execute(sa.select(pt.c.id, pt.c.data).where(cond).order_by(pt.c.id)):
+                parts.setdefault(int(pid) // PARTS_PER_BATCH, []).append(bytes(data))
+        return [(i, b"".join([*parts.get(i, ()), bytes(r[1])])) for i, r in zip(ids, rows, strict=True)]
+
+    def _part_ranges(self, batch_ids: list[int]) -> Iterator[Any]:
+        """Conditions on ``log_parts.id`` that cover the parts of ``batch_ids``, a query each."""
+        ids = sorted(set(batch_ids))
+        spans: list[tuple[int, int]] = []
+        for i in ids:  # consecutive batch ids: one range
+            if spans and spans[-1][1] == i:
+                spans[-1] = (spans[-1][0], i + 1)
+            else:
+                spans.append((i, i + 1))
+        pid = self.t_log_parts.c.id
+        for at in range(0, len(spans), _CHUNK):
+            yield sa.or_(*(sa.and_(pid >= a * PARTS_PER_BATCH, pid < b * PARTS_PER_BATCH)
+                           for a, b in spans[at:at + _CHUNK]))
+
+    def _load_schemas(self, conn: Connection, ids: set[int | None]) -> None:
+        s = self.t_log_schemas
+        missing = sorted(i for i in ids if i is not None and i not in self._schemas)
+        if missing:
+            for i, body in conn.execute(sa.select(s.c.id, s.c.body).where(s.c.id.in_(missing))):
+                self._schemas[int(i)] = bytes(body)
 
     def request_fingerprint(self, request_id: str) -> tuple[bool, int | None]:
         """(whether ``request_id`` is logged, the fingerprint of its rows if it was client-named)."""
@@ -400,6 +478,8 @@ class Store:
         with self._read("measuring the prediction log") as conn:
             rows, body = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.rows), 0),
                                                 sa.func.coalesce(sa.func.sum(sa.func.length(t.c.body)), 0))).one()
+            body += conn.execute(sa.select(sa.func.coalesce(
+                sa.func.sum(sa.func.length(self.t_log_parts.c.data)), 0))).scalar_one()
             runs, ids = conn.execute(sa.select(sa.func.count(),
                                                sa.func.coalesce(sa.func.sum(sa.func.length(ix.c.request_key)), 0))).one()
         return {"rows": int(rows), "body_bytes": int(body), "index_entries": int(runs),
@@ -417,6 +497,8 @@ class Store:
                 sa.select(ix.c.request_key).where(ix.c.batch_id.in_(old)))})
             for chunk in _chunks(gone):
                 conn.execute(o.delete().where(o.c.request_id.in_(chunk)))
+            for cond in self._part_ranges([int(i) for (i,) in conn.execute(old)]):
+                conn.execute(self.t_log_parts.delete().where(cond))
             conn.execute(ix.delete().where(ix.c.batch_id.in_(old)))
             conn.execute(t.delete().where(t.c.last_ts < cut))
             return int(n)
@@ -527,15 +609,16 @@ class Store:
                 q = sa.select(t.c.id, t.c.body)
             if q is not None and since is not None:
                 q = q.where(t.c.last_ts >= float(since))
-            bodies = [] if q is None else conn.execute(q.order_by(t.c.id)).all()
+            bodies = [] if q is None else self._whole_bodies(conn, conn.execute(q.order_by(t.c.id)).all())
+            self._load_schemas(conn, {schema_id_of(b) for _, b in bodies} - {None})
             if outcomes is None:
                 outcomes = conn.execute(sa.select(o.c.request_id, o.c.row, o.c.outcome, o.c.ts)).all()
-        frame = _log_frame(bodies, features)
+        frame = _log_frame(bodies, features, self._schemas)
         if since is not None and len(frame):
             frame = frame[frame["ts"].to_numpy() >= float(since)]
         got = {(r[0], int(r[1])): (loads(r[2]), float(r[3])) for r in outcomes}
-        keys = zip(frame["request_id"].tolist(), frame["row"].tolist(), strict=True)
-        found = [got.get(k) for k in keys]
+        row_keys = zip(frame["request_id"].tolist(), frame["row"].tolist(), strict=True)
+        found = [got.get(k) for k in row_keys]
         frame = frame.assign(outcome=pd.Series([None if f is None else f[0] for f in found], dtype=object,
                                                index=frame.index),
                              outcome_ts=np.array([np.nan if f is None else f[1] for f in found], dtype=float))
@@ -702,29 +785,37 @@ def request_id_of(key: bytes) -> str:
     return key.hex() if len(key) == 16 else key.rstrip(b"\xff").decode("utf-8")
 
 
-def _runs(request_id: np.ndarray, row: np.ndarray) -> list[tuple[str, int, int]]:
-    """(request_id, first_row, n_rows) for each run of consecutive rows of one request."""
+@dataclass(frozen=True)
+class _Runs:
+    """Runs of consecutive rows of one request in a batch: its id, first row and length."""
+
+    request_id: np.ndarray
+    first_row: np.ndarray
+    n_rows: np.ndarray
+
+    def rows(self) -> Iterator[tuple[str, int, int]]:
+        return zip(self.request_id.tolist(), self.first_row.tolist(), self.n_rows.tolist(), strict=True)
+
+
+def _runs(request_id: np.ndarray, row: np.ndarray) -> _Runs:
+    """The runs of a batch, found over whole columns."""
     n = len(row)
-    rid = request_id.tolist()
-    rows = row.tolist()
-    out = []
-    start = 0
-    for i in range(1, n + 1):
-        if i == n or rid[i] != rid[start] or rows[i] != rows[i - 1] + 1:
-            out.append((rid[start], int(rows[start]), i - start))
-            start = i
-    return out
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = (request_id[1:] != request_id[:-1]) | (row[1:] != row[:-1] + 1)
+    first = np.flatnonzero(starts)
+    return _Runs(request_id[first], np.asarray(row)[first], np.diff(np.append(first, n)))
 
 
 #: Log columns present in a read only when some row has a value (a challenger was configured).
 CHALLENGER_COLUMNS = ("challenger_prediction", "challenger_version")
 
 
-def _log_frame(bodies: Sequence[Any], features: bool) -> pd.DataFrame:
+def _log_frame(bodies: Sequence[Any], features: bool, schemas: dict[int, bytes]) -> pd.DataFrame:
     """The log rows of ``bodies`` as a DataFrame in ``PREDICTION_COLUMNS`` order."""
     parts: list[dict[str, Any]] = []
     for _batch_id, body in bodies:
-        cols = decode(bytes(body))
+        cols = decode(bytes(body), schemas)
         n = len(cols["ts"])
         part: dict[str, Any] = {"request_id": cols["request_id"], "row": cols["row"].astype(np.int64)}
         # Batches written before a column existed lack it: null there.
