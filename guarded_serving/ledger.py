@@ -70,6 +70,7 @@ _COUNTS = struct.Struct("@3Q")  # native: written and read on the same machine
 ACCEPTED, COMMITTED, DROPPED = range(3)
 SUFFIX = ".ledger"
 _CREATING = ".creating"
+_CREATING_GRACE_S = 60.0
 
 
 def _boot_id() -> bytes:
@@ -101,18 +102,24 @@ class Ledger:
     """
 
     def __init__(self, directory: Path, worker_id: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.worker_id = worker_id
+        self.directory = directory
+        self._drop_lock = threading.Lock()
+        self._open()
+        os.register_at_fork(after_in_child=partial(_reopen_in_child, weakref.ref(self)))
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.path = directory / (name + SUFFIX)
-        creating = directory / (name + _CREATING)
+        self.path = self.directory / (name + SUFFIX)
+        creating = self.directory / (name + _CREATING)
         fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, _SIZE)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             mm = mmap.mmap(fd, _SIZE)  # MAP_SHARED: the page cache keeps what we store
             mm[: _HEADER.size] = _HEADER.pack(_MAGIC, os.getpid(), time.time(), BOOT_ID,
-                                              worker_id.encode()[:64])
+                                              self.worker_id.encode()[:64])
             # Claimers look at *.ledger only, so they never see one before it is locked.
             os.rename(creating, self.path)
         except BaseException:
@@ -121,11 +128,7 @@ class Ledger:
             raise
         self._fd, self._mm = fd, mm
         self._counts = memoryview(mm)[_COUNTS_AT : _COUNTS_AT + _COUNTS.size].cast("Q")
-        self._drop_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close, fd, mm, self._counts, self.path)
-        if not hasattr(self, "_fork_hook"):  # once per ledger, not again on a reopen
-            self._fork_hook = partial(_reopen_in_child, weakref.ref(self))
-            os.register_at_fork(after_in_child=self._fork_hook)
 
     def _reopen(self) -> None:
         # A forked child must not write into its parent's ledger, nor keep its lock (the lock
@@ -136,7 +139,8 @@ class Ledger:
         self._counts.release()
         self._mm.close()
         os.close(self._fd)
-        self.__init__(self.path.parent, self.worker_id)  # type: ignore[misc]
+        self._drop_lock = threading.Lock()  # another thread may have held it at the fork
+        self._open()
 
     # -- the recorder's hooks ----------------------------------------------------------------
 
@@ -230,6 +234,8 @@ def claim_dead(directory: Path) -> list[DeadLedger]:
         paths = sorted(p for p in directory.iterdir() if p.suffix in (SUFFIX, _CREATING))
     except FileNotFoundError:
         return []
+    # A file still being created is not locked yet for an instant: left alone while recent.
+    paths = [p for p in paths if p.suffix == SUFFIX or _age_s(p) > _CREATING_GRACE_S]
     out = []
     for path in paths:
         try:
@@ -252,6 +258,13 @@ def claim_dead(directory: Path) -> list[DeadLedger]:
             os.close(fd)
         out.append(DeadLedger.parse(path, data))
     return out
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def ledger_dir(store_url: str, prefix: str) -> Path | None:

@@ -148,8 +148,11 @@ def test_where_ledgers_live() -> None:
     assert pg is not None and pg.name == "postgresql-db.example-5432-prod-m1_" and "secret" not in str(pg)
 
 
-def test_a_killed_header_in_the_making_counts_nothing(tmp_path: Path) -> None:
-    (tmp_path / "123-abc.creating").write_bytes(b"")
+def test_a_ledger_killed_in_the_making_counts_nothing(tmp_path: Path) -> None:
+    creating = tmp_path / "123-abc.creating"
+    creating.write_bytes(b"")
+    assert claim_dead(tmp_path) == [], "it may be about to be locked"
+    os.utime(creating, (time.time() - 120, time.time() - 120))
     assert [d.lost for d in claim_dead(tmp_path)] == [0]
     assert DeadLedger.parse(tmp_path / "x.ledger", b"junk").lost == 0
 
