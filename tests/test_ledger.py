@@ -32,7 +32,8 @@ from guarded_serving.recorder import Recorder
 from guarded_serving.store.sql import Store
 
 from . import _data
-from .server import Server, write_config
+from .conftest import wait_until
+from .server import Server, worker_processes, write_config
 
 
 def test_lost_is_accepted_minus_committed_minus_counted_drops(tmp_path: Path) -> None:
@@ -250,18 +251,19 @@ def test_count_lost_warns_per_dead_worker_and_reports_the_total(tmp_path: Path, 
 # -- end to end --------------------------------------------------------------------------------
 
 
+LOST = "guarded_serving_prediction_log_lost_rows_total"
+
+
 def _metric(srv: Server, name: str) -> float:
     text = httpx.get(srv.url + "/metrics", timeout=30.0).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def _serve_then_kill(cfg: Path, requests: int) -> tuple[dict[str, int], dict[str, float], float]:
-    """Load a 2-worker server with /predict from 8 clients, stop them, SIGKILL every process at
-    once (rows of the last flush interval still waiting to be written). Returns the rows of each
-    acknowledged request, when it was acknowledged, and the kill time. Every request sent was
-    answered before the kill, so the server acknowledged exactly the requests seen here."""
+def _load(srv: Server, requests: int) -> tuple[dict[str, int], dict[str, float]]:
+    """/predict from 8 clients until ``requests`` are answered, then stop them: the rows of each
+    acknowledged request and when it was acknowledged. Every request sent is answered before
+    this returns, so the server acknowledged exactly the requests seen here."""
     rows = _data.json_rows(_data.features(_data.holdout()).head(200))
-    srv = Server(cfg, workers=2).start()
     acked: dict[str, int] = {}
     at: dict[str, float] = {}
     stop = threading.Event()
@@ -283,16 +285,31 @@ def _serve_then_kill(cfg: Path, requests: int) -> tuple[dict[str, int], dict[str
     threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 120
-    while len(acked) < requests and time.monotonic() < deadline and not failures:
-        time.sleep(0.005)
+    wait_until(lambda: len(acked) >= requests or failures, 120, interval=0.005)
     stop.set()
     for t in threads:
         t.join()
+    assert not failures, failures[:1]
+    return acked, at
+
+
+def _serve_then_kill(cfg: Path, requests: int) -> tuple[dict[str, int], dict[str, float], float]:
+    """Load a 2-worker server, then SIGKILL every process at once (rows of the last flush
+    interval still waiting to be written): ``_load``'s figures and the kill time."""
+    srv = Server(cfg, workers=2).start()
+    acked, at = _load(srv, requests)
     killed_at = time.time()
     srv.kill()
-    assert not failures and len(acked) >= requests, failures[:1]
     return acked, at, killed_at
+
+
+def _logged(cfg: Path) -> set[str]:
+    c = load_config(cfg)
+    store = Store(c.store.url, prefix=c.store.table_prefix)
+    try:
+        return set(store.joined(features=False)["request_id"])
+    finally:
+        store.close()
 
 
 def _restart_and_read(cfg: Path) -> tuple[float, str, set[str]]:
@@ -300,16 +317,10 @@ def _restart_and_read(cfg: Path) -> tuple[float, str, set[str]]:
     the prediction log)."""
     srv = Server(cfg, workers=2).start()
     try:
-        lost = _metric(srv, "guarded_serving_prediction_log_lost_rows_total")
+        lost = _metric(srv, LOST)
     finally:
         srv.stop()
-    c = load_config(cfg)
-    store = Store(c.store.url, prefix=c.store.table_prefix)
-    try:
-        logged = set(store.joined(features=False)["request_id"])
-    finally:
-        store.close()
-    return lost, srv.logs(tail=None), logged
+    return lost, srv.logs(tail=None), _logged(cfg)
 
 
 @pytest.mark.e2e
@@ -338,3 +349,26 @@ def test_durable_mode_counts_no_loss(tmp_path: Path) -> None:
     lost, logs, logged = _restart_and_read(cfg)
     assert lost == 0 and "ended without storing" not in logs
     assert not set(acked) - logged
+
+
+@pytest.mark.e2e
+def test_the_worker_started_in_place_of_a_killed_one_counts_its_loss(tmp_path: Path) -> None:
+    # Nothing is written before the kill (long flush interval, big batches): the victim loses
+    # every row it acknowledged, for certain, and the test need not guess whether it lost any.
+    cfg = write_config(tmp_path, prediction_log={"flush_seconds": 60.0, "batch_size": 5000})
+    folder = ledger_dir(load_config(cfg).store.url, "gs_")
+    assert folder is not None
+    srv = Server(cfg, workers=2).start()
+    try:
+        acked, _ = _load(srv, requests=1000)
+        assert srv.proc is not None
+        victim = worker_processes(srv.proc.pid)[0]
+        victim.kill()  # BentoML starts another worker in its place, which claims its ledger
+        wait_until(lambda: not list(folder.glob(f"{victim.pid}-*")), 90)
+        lost = wait_until(lambda: _metric(srv, LOST) or None, 10)
+    finally:
+        srv.stop()  # the other worker stores everything it acknowledged
+    missing = set(acked) - _logged(cfg)
+    assert lost == sum(acked[rid] for rid in missing) > 0
+    print(f"one of two workers killed: lost {lost:.0f} of {sum(acked.values())} rows acknowledged")
+    assert f":{victim.pid} (pid {victim.pid}, started" in srv.logs(tail=None)
