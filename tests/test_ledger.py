@@ -32,6 +32,7 @@ from guarded_serving.recorder import Recorder
 from guarded_serving.store.sql import Store
 
 from . import _data
+from ._logged import logged_request_ids
 from .conftest import wait_until
 from .server import Server, worker_processes, write_config
 
@@ -303,15 +304,6 @@ def _serve_then_kill(cfg: Path, requests: int) -> tuple[dict[str, int], dict[str
     return acked, at, killed_at
 
 
-def _logged(cfg: Path) -> set[str]:
-    c = load_config(cfg)
-    store = Store(c.store.url, prefix=c.store.table_prefix)
-    try:
-        return set(store.joined(features=False)["request_id"])
-    finally:
-        store.close()
-
-
 def _restart_and_read(cfg: Path) -> tuple[float, str, set[str]]:
     """Start the server again on the same store: (lost rows counted, its log, request ids in
     the prediction log)."""
@@ -320,7 +312,7 @@ def _restart_and_read(cfg: Path) -> tuple[float, str, set[str]]:
         lost = _metric(srv, LOST)
     finally:
         srv.stop()
-    return lost, srv.logs(tail=None), _logged(cfg)
+    return lost, srv.logs(tail=None), logged_request_ids(cfg)
 
 
 @pytest.mark.e2e
@@ -368,7 +360,7 @@ def test_the_worker_started_in_place_of_a_killed_one_counts_its_loss(tmp_path: P
         lost = wait_until(lambda: _metric(srv, LOST) or None, 10)
     finally:
         srv.stop()  # the other worker stores everything it acknowledged
-    missing = set(acked) - _logged(cfg)
+    missing = set(acked) - logged_request_ids(cfg)
     assert lost == sum(acked[rid] for rid in missing) > 0
     print(f"one of two workers killed: lost {lost:.0f} of {sum(acked.values())} rows acknowledged")
     assert f":{victim.pid} (pid {victim.pid}, started" in srv.logs(tail=None)
