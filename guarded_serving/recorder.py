@@ -42,6 +42,7 @@ from .drift.state import DriftState
 from .errors import ConfigError, StoreError
 from .estimation import WindowTally
 from .guard import FALLBACK_ROUTE, REJECTED, GuardedModel, GuardedResult, predict_on_columns
+from .ledger import Ledger
 from .store.logbatch import LogBatch
 from .store.sql import Store
 
@@ -87,7 +88,7 @@ class Recorder:
     def __init__(self, guard: GuardedModel, config: ServingConfig, store: Callable[[], Store],
                  on_drop: Callable[[int, str], None] | None = None,
                  on_logged: Callable[[int, int], None] | None = None,
-                 estimates: LiveEstimates | None = None) -> None:
+                 estimates: LiveEstimates | None = None, ledger: Ledger | None = None) -> None:
         pl = config.prediction_log
         if not 0.0 <= pl.sample_rate <= 1.0:
             raise ConfigError(f"prediction_log.sample_rate: must be between 0 and 1, got {pl.sample_rate!r}")
@@ -108,6 +109,9 @@ class Recorder:
         self.on_drop = on_drop
         self.on_logged = on_logged
         self.counts = RecorderCounts()
+        #: Rows acknowledged before they are stored, counted where a killed process leaves them
+        #: (ledger.py); None in durable mode, where nothing is acknowledged before it is stored.
+        self.ledger = ledger
         self._drift: DriftState | None = DriftState.empty(guard.profile) if config.drift.enabled else None
         self._drift_lock = threading.Lock()
         #: Live estimates: each batch's tally, taken with the drift counts it belongs to.
@@ -169,6 +173,8 @@ class Recorder:
                 self._queue.append(_Item(request_id, time.time(), result, logged, done, fingerprint))
                 self._queued += n
                 self.counts.submitted += n
+                if logged and self.ledger is not None:
+                    self.ledger.accepted(n)
                 if done is not None or self._queued >= self.batch_rows:
                     self._cond.notify_all()
         if not accepted:
@@ -391,6 +397,8 @@ class Recorder:
 
     def _count_logged(self, logged: int, sampled_out: int) -> None:
         self.counts.logged += logged
+        if logged and self.ledger is not None:
+            self.ledger.committed(logged)
         self.counts.sampled_out += sampled_out
         if self.on_logged is not None:
             try:
@@ -400,6 +408,8 @@ class Recorder:
 
     def _dropped(self, n: int, stage: str) -> None:
         self.counts.dropped[stage] = self.counts.dropped.get(stage, 0) + n
+        if stage == "log" and self.ledger is not None:  # "monitoring": never accepted
+            self.ledger.dropped(n)
         if self.on_drop is not None:
             try:
                 self.on_drop(n, stage)

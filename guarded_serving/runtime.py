@@ -35,6 +35,7 @@ from .estimates import LiveEstimates, with_tally
 from .executors import BoundedExecutor, ExecutorBusyError
 from .feedback import FeedbackRequest, OutcomeItem, OutcomeRule
 from .guard import GuardedModel, GuardedResult
+from .ledger import count_lost, open_ledger
 from .monitor import DriftMonitor
 from .performance import challenger_performance, live_performance, metric_gauges, realized_beside
 from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote, switches
@@ -113,9 +114,11 @@ class ServingRuntime:
             config, self.profile, webhook=self.monitor.alert,
             on_view=metrics.set_estimates if metrics is not None else None)
         self.monitor.estimates = self.estimates
+        # Count what workers that died before us lost, then keep a ledger of our own.
+        count_lost(config, metrics.lost if metrics is not None else None)
         self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
                                  on_logged=metrics.logged if metrics is not None else None,
-                                 estimates=self.estimates)
+                                 estimates=self.estimates, ledger=open_ledger(config, self.worker_id))
         self.monitoring = BoundedExecutor("guarded-monitoring", MONITOR_THREADS, MONITOR_QUEUE)
         self._stop = threading.Event()
         self._flusher_pid = -1

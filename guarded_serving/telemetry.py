@@ -14,6 +14,7 @@ Metric names follow Prometheus conventions (base units, ``_total`` for counters)
     guarded_serving_latency_budget_misses_total{model}         counter
     guarded_serving_primary_errors_total{model}                counter
     guarded_serving_prediction_log_dropped_rows_total{model,stage}  counter (stage: log | monitoring)
+    guarded_serving_prediction_log_lost_rows_total{model}      counter (rows a dead worker had acknowledged, never stored)
     guarded_serving_drift_status{model,feature}                gauge (0 ok, 1 warn, 2 drift, -1 no verdict)
     guarded_serving_drift_psi{model,feature}                   gauge
     guarded_serving_drift_window_rows{model}                   gauge
@@ -114,6 +115,10 @@ class ServiceMetrics:
                                    "Rows not logged: stage=log when the store still failed after retries "
                                    "or a batch was still queued at shutdown; stage=monitoring when the "
                                    "recorder's queue was full, so drift counts missed them too.", ["model", "stage"])
+        self.log_lost = Counter("guarded_serving_prediction_log_lost_rows",
+                                "Rows a worker acknowledged and never stored nor counted as dropped, "
+                                "because it died (SIGKILL, OOM kill); counted from its ledger by the "
+                                "worker that starts next (ledger.py).", ["model"])
         self.log_rows = Counter("guarded_serving_prediction_log_rows",
                                 "Rows the recorder handled: outcome=logged (committed to the log) or "
                                 "outcome=sampled_out (left out by prediction_log.sample_rate).",
@@ -182,6 +187,10 @@ class ServiceMetrics:
 
     def dropped(self, n: int, stage: str = "log") -> None:
         self._child(self.log_dropped, stage).inc(n)
+
+    def lost(self, n: int) -> None:
+        """Rows dead workers lost, as their ledgers tell (counted at startup)."""
+        self.log_lost.labels(self.model).inc(n)
 
     def set_drift(self, view: dict[str, Any]) -> None:
         """Publish the drift gauges from a drift view (``drift.windows.drift_view``)."""

@@ -10,6 +10,7 @@ import pandas as pd
 
 from guarded_serving.config import load_config
 from guarded_serving.runtime import ServingRuntime
+from guarded_serving.store.sql import Store
 
 from ._data import TARGET, features
 
@@ -29,3 +30,13 @@ def log_traffic(config_path: Path, rows: pd.DataFrame, batch: int = 100) -> None
         rt.feedback(items)
     finally:
         rt.close()
+
+
+def logged_request_ids(config_path: Path) -> set[str]:
+    """The request ids in the prediction log of the store ``config_path`` names."""
+    config = load_config(config_path)
+    store = Store(config.store.url, prefix=config.store.table_prefix)
+    try:
+        return set(store.joined(features=False)["request_id"])
+    finally:
+        store.close()

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+# What the service keeps in its data directory (the ledgers of a PostgreSQL store's workers, a
+# default SQLite store) goes to a temporary one, never the developer's home; servers the tests
+# start inherit it.
+if "GUARDED_SERVING_DATA_DIR" not in os.environ:
+    os.environ["GUARDED_SERVING_DATA_DIR"] = _data_dir = tempfile.mkdtemp(prefix="gs-test-data-")
+    atexit.register(shutil.rmtree, _data_dir, True)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:

@@ -13,10 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from guarded_serving.config import load_config
-from guarded_serving.store.sql import Store
-
 from . import _data
+from ._logged import logged_request_ids
 from .server import Server, write_config
 
 pytestmark = pytest.mark.e2e
@@ -59,12 +57,7 @@ def _load_then_kill(cfg: Path, requests: int = 600) -> tuple[dict[str, float], f
 def _logged(cfg: Path) -> set[str]:
     srv = Server(cfg).start()  # the service comes back on the same store
     srv.stop()
-    c = load_config(cfg)
-    store = Store(c.store.url, prefix=c.store.table_prefix)
-    try:
-        return set(store.joined(features=False)["request_id"])
-    finally:
-        store.close()
+    return logged_request_ids(cfg)
 
 
 def test_durable_mode_keeps_every_acknowledged_request(tmp_path: Path) -> None:
