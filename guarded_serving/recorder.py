@@ -68,6 +68,8 @@ class _Item:
     logged: bool
     done: Future[int] | None = None
     fingerprint: int | None = None
+    #: Set once its rows are counted as logged, sampled out or dropped.
+    settled: bool = False
 
 
 @dataclass
@@ -283,6 +285,11 @@ class Recorder:
                 self._process(items)
             except Exception as e:  # monitoring must never take serving down
                 log.exception("could not record %d request(s) for monitoring", len(items))
+                # Rows meant for the log that it never got are drops like any other (counted, and
+                # balanced in the ledger), not losses a later process would find.
+                lost = sum(it.result.n_rows for it in items if it.logged and not it.settled)
+                if lost:
+                    self._dropped(lost, "log")
                 for it in items:
                     if it.done is not None and not it.done.done():
                         it.done.set_exception(StoreError(f"recording failed: {e}"))
@@ -324,6 +331,7 @@ class Recorder:
         durable = [it.done for it in items if it.done is not None]
         if not chosen.any():
             self._count_logged(0, sampled_out)
+            _settle(items)
             return
         batch = self._batch([it for it in items if it.logged], rows, cols, routes, primary, fallback)
         if challenger[0] is not None and challenger[1] is not None:
@@ -335,10 +343,12 @@ class Recorder:
         written, error = self._write(batch)
         if error is None:
             self._count_logged(len(batch), sampled_out)
+            _settle(items)
             for f in durable:
                 f.set_result(written)
         else:
             self._dropped(len(batch), "log")
+            _settle(items)
             for f in durable:
                 f.set_exception(StoreError(f"the prediction log could not be written: {error}"))
 
@@ -444,6 +454,11 @@ def shadow_into(model: Any, cols: dict[str, Any], mask: np.ndarray, out: np.ndar
             out[idx] = pred.labels
     except Exception as e:  # flagged rows may well break the primary; that is the point
         log.debug("shadow %s call on %d row(s) failed: %s", getattr(model, "name", "model"), idx.size, e)
+
+
+def _settle(items: list[_Item]) -> None:
+    for it in items:
+        it.settled = True
 
 
 def _merged(a: WindowTally | None, b: WindowTally | None) -> WindowTally | None:

@@ -56,6 +56,7 @@ def test_dashboard_is_importable_and_parameterised() -> None:
     for name in ("requests_total", "stage_duration_seconds_bucket", "rows_total", "flags_total",
                  "primary_errors_total", "latency_budget_misses_total", "drift_status", "drift_psi",
                  "retrain_recommended", "drift_window_rows", "live_metric", "prediction_log_dropped_rows_total",
+                 "prediction_log_lost_rows_total",
                  "estimated_metric", "estimated_metric_band", "estimated_rows"):
         assert f"guarded_serving_{name}" in exprs, name
 

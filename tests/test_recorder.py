@@ -68,3 +68,28 @@ def test_a_store_that_keeps_failing_drops_counted_rows_and_fails_durable_waiters
     drift = rec.take_drift()
     assert drift is not None and drift.rows == 3, "drift counts do not depend on the store"
     rec.close()
+
+
+def test_a_lot_that_fails_to_record_counts_its_rows_as_dropped(tmp_path: Path, guard: GuardedModel) -> None:
+    """A bug in the consumer (here: the fallback's shadow raising past its guard) must not make
+    rows vanish uncounted: they are drops like a store failure's, and the lot after it is logged."""
+    store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
+    rec = _recorder(tmp_path, guard, lambda: store)
+    real = rec._process
+    calls = [0]
+
+    def broken_once(items):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug in recording")
+        real(items)
+
+    rec._process = broken_once  # type: ignore[method-assign]
+    X = features(serve())
+    rec.submit("r1", guard.predict(X.head(4)))
+    assert rec.flush(10)
+    rec.submit("r2", guard.predict(X.head(2)))
+    assert rec.flush(10)
+    assert rec.counts.dropped["log"] == 4 and (4, "log") in rec.dropped_calls  # type: ignore[attr-defined]
+    assert rec.counts.logged == 2 and len(store.joined()) == 2
+    rec.close()
