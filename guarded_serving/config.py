@@ -254,8 +254,9 @@ class EstimationConfig(_Section):
     #: Share of served rows the error models (or calibration) estimate, drawn uniformly at random
     #: per row; flagged rows are always estimated (their own scope). The estimates stay unbiased
     #: and their bands are those of the rows estimated; each estimated row costs about what the
-    #: primary costs on the example (two error models per role), so 1.0 doubles the model's CPU.
-    sample_rate: Annotated[float, Gt(0.0), Le(1.0)] = 0.1
+    #: primary costs on the example (two error models per role). Below 1, a window needs
+    #: ``drift.min_rows / sample_rate`` served rows before its estimate may alert.
+    sample_rate: Annotated[float, Gt(0.0), Le(1.0)] = 1.0
     #: Alert (drift.webhook_url) when a role's estimate in the current window is worse than the
     #: profile's holdout baseline by more than this share of it (0.2: MAE 20% above the baseline,
     #: accuracy 20% below it); null: no alert.

@@ -84,6 +84,12 @@ class LiveEstimates:
                 config.profile,
             )
             return None
+        rate, drift = config.estimation.sample_rate, config.drift
+        if rate < 1.0 and drift.window_seconds is None and drift.window_rows * rate < drift.min_rows:
+            log.warning(
+                "estimation.sample_rate %g estimates about %d rows of a %d-row drift window, fewer "
+                "than drift.min_rows (%d): estimate alerts will not fire; raise the rate or the window",
+                rate, round(drift.window_rows * rate), drift.window_rows, drift.min_rows)
         try:
             return cls(WindowEstimator.load(config.profile, profile), config, profile, **kw)
         except Exception as e:  # a bad artefact must not stop serving

@@ -327,9 +327,13 @@ def test_a_sigkilled_workers_lost_rows_are_counted_exactly(tmp_path: Path) -> No
     # Within the documented bound: only the last flush interval (and the write in progress).
     assert all(at[rid] >= killed_at - 2 * flush for rid in missing)
     assert ("ended without storing" in logs) == (lost > 0)
-    # The killed workers' ledgers are gone; the restarted ones stopped with every row accounted for.
+    # The killed workers' ledgers were claimed at the restart (a left-over one would show their
+    # loss here); the restarted workers, stopped by SIGTERM, leave theirs (no exit handler runs),
+    # each with every row accounted for. A worker stopped before it opened one leaves none.
     folder = ledger_dir(load_config(cfg).store.url, "gs_")
-    assert folder is not None and [d.lost for d in claim_dead(folder)] == [0, 0]
+    assert folder is not None
+    left = claim_dead(folder)
+    assert len(left) <= 2 and all(d.lost == 0 for d in left), left
     print(f"acknowledged {sum(acked.values())} rows in {len(acked)} requests; lost {lost:.0f} rows "
           f"of {len(missing)} requests")
 
