@@ -16,10 +16,10 @@ only Python loops run over columns or over the (few) rows that failed.
 from __future__ import annotations
 
 import math
-from itertools import repeat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -117,7 +117,7 @@ def as_columns(data: pd.DataFrame | Columns | Sequence[Mapping[str, Any]]) -> tu
         return dict(data), (lengths.pop() if lengths else 0)
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         rows = list(data)
-        dicts = _all_dicts(rows)
+        dicts = all_dicts(rows)
         bad = [] if dicts else [i for i, r in enumerate(rows) if not isinstance(r, Mapping)]
         if bad:
             raise PayloadError(
@@ -146,7 +146,8 @@ def _column_names(rows: list[Mapping[str, Any]]) -> list[Any]:
     return list(names)
 
 
-def _all_dicts(rows: list[Any]) -> bool:
+def all_dicts(rows: list[Any]) -> bool:
+    """Whether ``rows`` is a non-empty list of plain dicts (as parsed JSON rows are); one pass in C."""
     return bool(rows) and set(map(type, rows)) == {dict}
 
 

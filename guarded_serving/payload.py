@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .checks import all_dicts
 from .errors import BatchTooLargeError, PayloadError, Problem, SchemaError
 
 #: Bodies up to this size are never measured before parsing (they cannot hold many rows).
@@ -96,7 +97,7 @@ def _within_limits(raw: bytes, body: Any, limits: BodyLimits) -> bool:
         # {"rows": [{...}, ...]} with no other bracket anywhere (not even in a string) is three
         # levels deep: every "{" or "[" byte is the body's, the list's or one row's.
         rows = body.get("rows") if type(body) is dict else None
-        if type(rows) is not list or opens != len(rows) + 2 or not _all_dicts(rows):
+        if type(rows) is not list or opens != len(rows) + 2 or not all_dicts(rows):
             return False
     if len(raw) <= limits.max_string_length + 2:
         return True
@@ -108,10 +109,6 @@ def _within_limits(raw: bytes, body: Any, limits: BodyLimits) -> bool:
     # Without escapes, quotes pair up in order; a string's characters are at most its bytes.
     pairs = quotes.size - quotes.size % 2
     return int((quotes[1:pairs:2] - quotes[0:pairs:2]).max()) - 1 <= limits.max_string_length
-
-
-def _all_dicts(rows: list[Any]) -> bool:
-    return not rows or set(map(type, rows)) == {dict}
 
 
 def _measure(raw: bytes, limits: BodyLimits, max_rows: int | None) -> bool:
