@@ -83,14 +83,15 @@ class FeatureEncoder:
                 return np.fromiter(map(codes.get, values, repeat(-1.0)), float, len(values))
             return np.fromiter((codes.get(_text(v), -1.0) for v in values), float, len(values))
         if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" and c.kind != "datetime":
-            return np.where(np.isfinite(raw), raw, c.fill)
-        series = pd.Series(raw)
-        if c.kind == "datetime" and not pd.api.types.is_numeric_dtype(series):
-            from ..profile import epoch_seconds
-
-            x = epoch_seconds(series, c.name)[0]
+            x = raw  # checked batches: float64 already, no pandas round trip
         else:
-            x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
+            series = pd.Series(raw)
+            if c.kind == "datetime" and not pd.api.types.is_numeric_dtype(series):
+                from ..profile import epoch_seconds
+
+                x = epoch_seconds(series, c.name)[0]
+            else:
+                x = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float)
         return np.where(np.isfinite(x), x, c.fill)
 
     def _codes(self, c: EncodedColumn) -> dict[str, float]:
