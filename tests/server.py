@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
-from ._data import EXAMPLE
+from ._data import EXAMPLE, TARGET, features, json_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "guarded_serving.service:GuardedService"
@@ -154,3 +154,15 @@ def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
     finally:
         for s in servers.values():
             s.stop()
+
+
+def predict_with_outcomes(client: httpx.Client, df: Any) -> dict[str, Any]:
+    """POST /predict with the features of ``df``, then /feedback with its true prices (its
+    ``price`` column); the /predict answer."""
+    body: dict[str, Any] = client.post("/predict", json={"rows": json_rows(features(df))}).json()
+    client.post(
+        "/feedback",
+        json={"request_id": body["request_id"], "outcomes": [float(p) for p in df[TARGET]]},
+    ).raise_for_status()
+    return body
+

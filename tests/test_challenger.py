@@ -16,7 +16,7 @@ from guarded_serving.config import load_config
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import EXAMPLE, features, json_rows, serve
-from .server import Server, write_config
+from .server import Server, predict_with_outcomes, write_config
 
 CHALLENGER = {"path": str(EXAMPLE / "fallback.onnx"), "version": "challenger-1"}
 
@@ -128,14 +128,7 @@ def test_a_retrained_challenger_shows_better_on_live_outcomes_over_http(tmp_path
     with Server(cfg, workers=2) as srv, httpx.Client(base_url=srv.url, timeout=60.0) as c:
         for i in range(0, len(live), 50):
             part = live.iloc[i : i + 50]
-            body = c.post("/predict", json={"rows": json_rows(features(part))}).json()
-            c.post(
-                "/feedback",
-                json={
-                    "request_id": body["request_id"],
-                    "outcomes": [float(p) for p in part["price"]],
-                },
-            ).raise_for_status()
+            predict_with_outcomes(c, part)
         perf = c.get("/performance").json()
         metrics = c.get("/metrics").text
     ch = perf["challenger"]

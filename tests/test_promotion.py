@@ -24,7 +24,7 @@ from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import EXAMPLE, features, json_rows, serve
 from .conftest import wait_until
-from .server import ROOT, Server, write_config
+from .server import ROOT, Server, predict_with_outcomes, write_config
 from .test_monitoring import PG_URL, pg_schema  # noqa: F401 - the fixture
 
 CHALLENGER = {
@@ -289,15 +289,8 @@ def test_promote_and_rollback_under_load_over_http(tmp_path: Path) -> None:
     with Server(cfg, workers=2, env={"GUARDED_SERVING_TOKEN": TOKEN}) as srv:
         df = serve().head(200)
         with httpx.Client(base_url=srv.url, timeout=30.0, headers=auth) as c:
-            body = c.post("/predict", json={"rows": json_rows(features(df))}).json()
+            body = predict_with_outcomes(c, df)
             assert body["primary_version"] == "p1"
-            c.post(
-                "/feedback",
-                json={
-                    "request_id": body["request_id"],
-                    "outcomes": [float(p) for p in df["price"]],
-                },
-            ).raise_for_status()
             perf = c.get("/performance").json()
             assert (
                 perf["overall"]["challenger"]["n"] == 200 and perf["challenger"]["version"] == "c1"
