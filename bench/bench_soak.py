@@ -5,8 +5,9 @@ feature on.
     python bench/bench_soak.py --minutes 3 --rate 40
 
 One BentoML worker serves the example; a paced load of 1-row and 50-row requests (alternating)
-runs for ``--minutes``; the worker's RSS is sampled every 10 s. The target (issue 10): RSS at the
-end within 10% of RSS after minute 1, with no rows dropped from the log. Results go to stdout and
+runs for ``--minutes``; the RSS of the worker and of its recording process (recorder_process.py) is
+sampled every 10 s. The target (issue 10): RSS at the end within 10% of RSS after minute 1, for
+each of the two, with no rows dropped from the log. Results go to stdout and
 bench/results/soak.json.
 """
 
@@ -71,10 +72,13 @@ def main() -> None:
             t.start()
         while time.monotonic() - t0 < args.minutes * 60:
             time.sleep(10)
+            kids = worker.children(recursive=True)
             samples.append({"t_s": round(time.monotonic() - t0, 1),
-                            "rss_mb": worker.memory_info().rss / 2**20, "requests": sent["n"]})
-            print(f"{samples[-1]['t_s']:>7.0f} s  RSS {samples[-1]['rss_mb']:7.1f} MB  "
-                  f"{sent['n']} requests", flush=True)
+                            "rss_mb": worker.memory_info().rss / 2**20,
+                            "recorder_rss_mb": sum(k.memory_info().rss for k in kids) / 2**20,
+                            "requests": sent["n"]})
+            print(f"{samples[-1]['t_s']:>7.0f} s  RSS {samples[-1]['rss_mb']:7.1f} MB  recorder "
+                  f"{samples[-1]['recorder_rss_mb']:7.1f} MB  {sent['n']} requests", flush=True)
         stop.set()
         for t in threads:
             t.join()
@@ -82,14 +86,18 @@ def main() -> None:
     minute1 = next((s for s in samples if s["t_s"] >= 60), samples[0])
     last = samples[-1]
     growth = last["rss_mb"] / minute1["rss_mb"] - 1
+    rec_growth = (last["recorder_rss_mb"] / minute1["recorder_rss_mb"] - 1) if minute1["recorder_rss_mb"] else 0.0
     result: dict[str, Any] = {
         "minutes": args.minutes, "rate": args.rate, "requests": sent["n"], "errors": sent["errors"],
         "rss_minute_1_mb": minute1["rss_mb"], "rss_end_mb": last["rss_mb"], "growth": growth,
+        "recorder_rss_minute_1_mb": minute1["recorder_rss_mb"], "recorder_rss_end_mb": last["recorder_rss_mb"],
+        "recorder_growth": rec_growth,
         "rows_served": counts["served"], "rows_dropped": counts["dropped"], "samples": samples,
         "log": log_size(srv.config),
     }
     print(f"\nRSS after minute 1 {minute1['rss_mb']:.1f} MB, at the end {last['rss_mb']:.1f} MB "
-          f"({growth:+.1%}); {sent['n']} requests, {sent['errors']} errors, "
+          f"({growth:+.1%}); recording process {minute1['recorder_rss_mb']:.1f} -> "
+          f"{last['recorder_rss_mb']:.1f} MB ({rec_growth:+.1%}); {sent['n']} requests, {sent['errors']} errors, "
           f"{counts['dropped']:.0f} of {counts['served']:.0f} rows dropped from the log")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,10 @@ class PredictionLogConfig(_Section):
     sample_rate: Annotated[float, Ge(0.0), Le(1.0)] = 1.0
     #: Acknowledge /predict only once its rows are committed (group commit across requests).
     durable: bool = False
+    #: Record (shadows, drift counts, estimate tallies, the log) in a process of its own beside
+    #: each worker rather than in a thread of it, so monitoring does not take the worker's GIL
+    #: (recorder_process.py). The service's default; in-process ``ServingRuntime`` uses a thread.
+    recorder_process: bool = True
 
 
 class AuthConfig(_Section):

@@ -181,6 +181,39 @@ class Ledger:
             _close(self._fd, self._mm, self._counts, None)
 
 
+class SharedLedger:
+    """Another process's view of a live ledger (``recorder_process.py``): the serving process
+    owns the file, holds its lock and counts ``accepted``; its recording process, which commits
+    or drops those rows, counts ``committed`` and ``dropped`` here, straight into the same mapped
+    memory, so the counts stay exact whichever of the two is killed. Takes no lock (the owner's
+    lock is what tells claimers the worker lives); never removes the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._drop_lock = threading.Lock()
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mm = mmap.mmap(fd, _SIZE)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        self._mm = mm
+        self._counts = memoryview(mm)[_COUNTS_AT : _COUNTS_AT + _COUNTS.size].cast("Q")
+
+    def accepted(self, n: int) -> None:  # pragma: no cover - the owner counts these
+        raise RuntimeError("rows are accepted by the ledger's owner")
+
+    def committed(self, n: int) -> None:
+        self._counts[COMMITTED] += n
+
+    def dropped(self, n: int) -> None:
+        with self._drop_lock:
+            self._counts[DROPPED] += n
+
+    def close(self) -> None:
+        self._counts.release()
+        self._mm.close()
+
+
 def _reopen_in_child(ref: weakref.ref[Ledger]) -> None:
     led = ref()
     if led is not None:

@@ -70,6 +70,8 @@ class _Item:
     fingerprint: int | None = None
     #: Set once its rows are counted as logged, sampled out or dropped.
     settled: bool = False
+    #: Its number in the hand-off from a serving process (recorder_process.py); -1 in process.
+    seq: int = -1
 
 
 @dataclass
@@ -82,7 +84,34 @@ class RecorderCounts:
     dropped: dict[str, int] = field(default_factory=lambda: {"monitoring": 0, "log": 0})
 
 
-class Recorder:
+class HandOff:
+    """What both recorders (this one, and ``recorder_process.RecorderProcess``) do on the request
+    path before queueing: fingerprints of client-named requests, and the log's sample."""
+
+    log_enabled: bool
+    sample_rate: float
+    durable: bool
+    _fingerprints: dict[str, int]
+
+    def expect_fingerprint(self, request_id: str, fingerprint: int) -> None:
+        """The fingerprint of a client-named request's rows (``idempotency``), to be stored with
+        its log entry when the request is submitted; ``forget_fingerprint`` if it never is."""
+        fps = self._fingerprints
+        fps[request_id] = fingerprint
+        while len(fps) > _MAX_EXPECTED:  # requests that failed without forgetting theirs
+            fps.pop(next(iter(fps)), None)
+
+    def forget_fingerprint(self, request_id: str) -> None:
+        self._fingerprints.pop(request_id, None)
+
+    def _terms(self, request_id: str) -> tuple[int | None, bool, Future[int] | None]:
+        """(its fingerprint, whether its rows are logged, the future a durable request waits on)."""
+        fingerprint = self._fingerprints.pop(request_id, None) if self._fingerprints else None
+        logged = self.log_enabled and (self.sample_rate >= 1.0 or np.random.random() < self.sample_rate)
+        return fingerprint, logged, Future() if self.durable and logged else None
+
+
+class Recorder(HandOff):
     """One per serving process; see the module docstring. ``store`` is a function returning the
     store (it may raise StoreError while the store is down); ``on_drop(n, stage)`` and
     ``on_logged(logged, sampled_out)`` report to metrics and must not raise."""
@@ -132,6 +161,8 @@ class Recorder:
         #: The primary of the serving model set, for its shadow on fallback rows (swapped on a switch).
         self.primary_model = guard.primary
         self._fingerprints: dict[str, int] = {}
+        #: Told of each processed lot, after its rows are counted (recorder_process.py).
+        self.on_processed: Callable[[list[_Item]], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -139,17 +170,6 @@ class Recorder:
         return self._drift is not None or self.log_enabled
 
     # -- request path ------------------------------------------------------------------------
-
-    def expect_fingerprint(self, request_id: str, fingerprint: int) -> None:
-        """The fingerprint of a client-named request's rows (``idempotency``), to be stored with
-        its log entry when the request is submitted; ``forget_fingerprint`` if it never is."""
-        fps = self._fingerprints
-        fps[request_id] = fingerprint
-        while len(fps) > _MAX_EXPECTED:  # requests that failed without forgetting theirs
-            fps.pop(next(iter(fps)), None)
-
-    def forget_fingerprint(self, request_id: str) -> None:
-        self._fingerprints.pop(request_id, None)
 
     def submit(self, request_id: str, result: GuardedResult, wait_s: float = 0.0) -> Future[int] | None:
         """Hand a served batch over. Never blocks on the store; when the queue is full it waits
@@ -159,9 +179,22 @@ class Recorder:
         if result.verdicts is None or not self.active:
             return None
         n = result.n_rows
-        fingerprint = self._fingerprints.pop(request_id, None) if self._fingerprints else None
-        logged = self.log_enabled and (self.sample_rate >= 1.0 or np.random.random() < self.sample_rate)
-        done: Future[int] | None = Future() if self.durable and logged else None
+        fingerprint, logged, done = self._terms(request_id)
+        item = _Item(request_id, time.time(), result, logged, done, fingerprint)
+        if not self._put(item, wait_s, count_accepted=True):
+            self._dropped(n, "monitoring")
+            if done is not None:
+                done.set_exception(StoreError("the prediction log's queue is full; the request was "
+                                              "not logged, so it is not acknowledged"))
+        return done
+
+    def take_over(self, item: _Item, wait_s: float) -> bool:
+        """An item another process accepted (and entered in its ledger): queued here, waiting up
+        to ``wait_s`` for room; False if it could not be (the caller counts the drop)."""
+        return self._put(item, wait_s, count_accepted=False)
+
+    def _put(self, item: _Item, wait_s: float, count_accepted: bool) -> bool:
+        n = item.result.n_rows
         with self._lock_for_process():
             if wait_s > 0 and not self._closing and self._queued + n > self.queue_rows:
                 self._room_wanted += 1  # the consumer takes everything waiting at once
@@ -169,22 +202,21 @@ class Recorder:
                 self._cond.wait_for(lambda: self._closing or self._queued + n <= self.queue_rows, wait_s)
                 self._room_wanted -= 1
             if self._closing or self._queued + n > self.queue_rows:
-                accepted = False
-            else:
-                accepted = True
-                self._queue.append(_Item(request_id, time.time(), result, logged, done, fingerprint))
-                self._queued += n
-                self.counts.submitted += n
-                if logged and self.ledger is not None:
-                    self.ledger.accepted(n)
-                if done is not None or self._queued >= self.batch_rows:
-                    self._cond.notify_all()
-        if not accepted:
-            self._dropped(n, "monitoring")
-            if done is not None:
-                done.set_exception(StoreError("the prediction log's queue is full; the request was "
-                                              "not logged, so it is not acknowledged"))
-        return done
+                return False
+            self._queue.append(item)
+            self._queued += n
+            self.counts.submitted += n
+            if count_accepted and item.logged and self.ledger is not None:
+                self.ledger.accepted(n)
+            if item.done is not None or self._queued >= self.batch_rows:
+                self._cond.notify_all()
+        return True
+
+    def follow(self, primary_model: Any, challenger: Challenger | None, event: Any = None) -> None:
+        """The serving model set changed (promotion.py): shadow its primary, score its challenger
+        (``event``, the switch, matters to the recorder in a process of its own only)."""
+        self.primary_model = primary_model
+        self.challenger = challenger
 
     def _lock_for_process(self) -> threading.Condition:
         # The consumer starts on first use in each process: a thread started before the server
@@ -293,6 +325,11 @@ class Recorder:
                 for it in items:
                     if it.done is not None and not it.done.done():
                         it.done.set_exception(StoreError(f"recording failed: {e}"))
+            if self.on_processed is not None:
+                try:
+                    self.on_processed(items)
+                except Exception:  # noqa: BLE001
+                    log.exception("recorder: on_processed callback failed")
             with cond:
                 self._finished += len(items)
                 cond.notify_all()

@@ -40,6 +40,7 @@ from .monitor import DriftMonitor
 from .performance import challenger_performance, live_performance, metric_gauges, realized_beside
 from .promotion import POLL_S, Action, SwitchEvent, build_guard, current_switch, promote, switches
 from .recorder import Recorder
+from .recorder_process import START_TIMEOUT_S, RecorderProcess
 from .store.sql import LazyStore
 from .telemetry import ServiceMetrics
 
@@ -96,15 +97,31 @@ class ServingRuntime:
     """
 
     def __init__(self, config: ServingConfig, *, metrics: ServiceMetrics | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, recorder_process: bool = False) -> None:
         self.config = config
-        self.guard = GuardedModel.from_config(config)
+        self.metrics = metrics
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        # Count what workers that died before us lost, then keep a ledger of our own.
+        count_lost(config, metrics.lost if metrics is not None else None)
+        ledger = open_ledger(config, self.worker_id)
+        on_logged = metrics.logged if metrics is not None else None
+        #: Shadows, drift counts, estimate tallies and the log: in a process of its own beside
+        #: this one (the service's default, ``prediction_log.recorder_process``) or in a thread.
+        self.recorder: Recorder | RecorderProcess
+        if recorder_process:  # started first: it loads its models while this process loads its own
+            self.recorder = RecorderProcess(config, self.worker_id, on_drop=self._on_drop,
+                                            on_logged=on_logged, ledger=ledger)
+            self.recorder.start()
+        try:
+            self.guard = GuardedModel.from_config(config)
+        except BaseException:
+            if recorder_process:
+                self.recorder.close(1.0)
+            raise
         self.profile = self.guard.profile
         classes = self.guard.primary.classes or self.guard.fallback.classes
         #: What a plausible outcome is for this model (checked before anything is stored).
         self.outcome_rule = OutcomeRule.from_profile(self.profile, classes, config.feedback.outcome_range_margin)
-        self.metrics = metrics
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.timeout_s = config.store.timeout_seconds
         self.store = LazyStore(config.store.url, config.store.table_prefix, self.timeout_s)
         self.monitor = DriftMonitor(config, self.profile, self.store,
@@ -114,11 +131,19 @@ class ServingRuntime:
             config, self.profile, webhook=self.monitor.alert,
             on_view=metrics.set_estimates if metrics is not None else None)
         self.monitor.estimates = self.estimates
-        # Count what workers that died before us lost, then keep a ledger of our own.
-        count_lost(config, metrics.lost if metrics is not None else None)
-        self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
-                                 on_logged=metrics.logged if metrics is not None else None,
-                                 estimates=self.estimates, ledger=open_ledger(config, self.worker_id))
+        self.challenger = load_challenger(config)
+        if recorder_process:
+            assert isinstance(self.recorder, RecorderProcess)
+            self.recorder.challenger = self.challenger
+            # Until the recording process runs, nothing acknowledged could be stored: the loss
+            # bound holds from the first request only if this worker is not ready before it.
+            if not self.recorder.wait_ready(START_TIMEOUT_S):
+                log.error("the recording process is not running after %.0f s; serving without it "
+                          "(rows are queued, then dropped and counted)", START_TIMEOUT_S)
+        else:
+            self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
+                                     on_logged=on_logged, estimates=self.estimates, ledger=ledger)
+            self.recorder.challenger = self.challenger
         self.monitoring = BoundedExecutor("guarded-monitoring", MONITOR_THREADS, MONITOR_QUEUE)
         self._stop = threading.Event()
         self._flusher_pid = -1
@@ -126,8 +151,6 @@ class ServingRuntime:
         self._view_lock = threading.Lock()  # guards _view only; never held across I/O
         self._last_purge = 0.0
         self._next_read = 0.0  # event-loop time of the next free read slot
-        self.challenger = load_challenger(config)
-        self.recorder.challenger = self.challenger
         #: Told of every switch this process follows: (event, loaded); must not raise.
         self.on_switch: Any = None
         self.switch_failures = 0
@@ -438,11 +461,10 @@ class ServingRuntime:
         old = self.guard
         self.guard = guard  # the one reference the request path reads
         self.profile = guard.profile
-        self.recorder.primary_model = guard.primary
         if self.estimates is not None:  # estimation artefacts belong to the primary's profile
             self.estimates.follow(ev.to.profile if ev is not None else self.config.profile, guard.profile)
         ch = self.challenger
-        self.recorder.challenger = ch if ch is not None and ch.version != guard.version else None
+        self.recorder.follow(guard.primary, ch if ch is not None and ch.version != guard.version else None, ev)
         if ev is not None:
             log.warning("model switch %d: %s from %s to %s by %s (%s)", ev.id, ev.action,
                         old.version, guard.version, ev.actor, ev.reason or "no reason given")

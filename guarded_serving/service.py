@@ -687,7 +687,8 @@ class GuardedService:
             log.warning("could not reuse BentoML's tracer provider, building one: %s", e)
         self._provider = install_tracing(CONFIG.tracing, provider, CONFIG.name)
         try:
-            _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name))
+            _runtime = ServingRuntime(CONFIG, metrics=ServiceMetrics(CONFIG.name),
+                                      recorder_process=CONFIG.prediction_log.recorder_process)
         except GuardedServingError as e:  # a model, profile or config that cannot load
             _stop_supervisor(e)
             raise

@@ -34,7 +34,7 @@ from guarded_serving.store.sql import Store
 from . import _data
 from ._logged import logged_request_ids
 from .conftest import wait_until
-from .server import Server, worker_processes, write_config
+from .server import Server, kill_tree, worker_processes, write_config
 
 
 def test_lost_is_accepted_minus_committed_minus_counted_drops(tmp_path: Path) -> None:
@@ -359,7 +359,9 @@ def test_the_worker_started_in_place_of_a_killed_one_counts_its_loss(tmp_path: P
         acked, _ = _load(srv, requests=1000)
         assert srv.proc is not None
         victim = worker_processes(srv.proc.pid)[0]
-        victim.kill()  # BentoML starts another worker in its place, which claims its ledger
+        # The worker and its recording process (an OOM kill of both): BentoML starts another
+        # worker in its place, which claims its ledger.
+        kill_tree(victim.pid)
         wait_until(lambda: not list(folder.glob(f"{victim.pid}-*")), 90)
         lost = wait_until(lambda: _metric(srv, LOST) or None, 10)
     finally:
@@ -368,3 +370,27 @@ def test_the_worker_started_in_place_of_a_killed_one_counts_its_loss(tmp_path: P
     assert lost == sum(acked[rid] for rid in missing) > 0
     print(f"one of two workers killed: lost {lost:.0f} of {sum(acked.values())} rows acknowledged")
     assert f":{victim.pid} (pid {victim.pid}, started" in srv.logs(tail=None)
+
+
+@pytest.mark.e2e
+def test_a_killed_workers_recording_process_stores_what_it_was_handed(tmp_path: Path) -> None:
+    """SIGKILL of a worker alone: its recording process, which has every row the worker
+    acknowledged, stores them and exits, so nothing is lost and nothing is counted lost."""
+    cfg = write_config(tmp_path, prediction_log={"flush_seconds": 60.0, "batch_size": 5000})
+    srv = Server(cfg, workers=2).start()
+    try:
+        acked, _ = _load(srv, requests=600)
+        assert srv.proc is not None
+        victim = worker_processes(srv.proc.pid)[0]
+        recorder = victim.children()
+        assert len(recorder) == 1, "one recording process per worker"
+        victim.kill()
+        recorder[0].wait(30)  # it stores what it holds, then exits
+        folder = ledger_dir(load_config(cfg).store.url, "gs_")
+        assert folder is not None
+        wait_until(lambda: not list(folder.glob(f"{victim.pid}-*")), 90)  # claimed by its successor
+        lost = _metric(srv, LOST)
+    finally:
+        srv.stop()
+    assert lost == 0
+    assert not set(acked) - logged_request_ids(cfg), "every acknowledged request is in the log"

@@ -1,0 +1,552 @@
+"""The recorder in a process of its own beside each serving process, so that monitoring does not
+share the serving process's interpreter (its GIL) with the requests.
+
+Why. Shadow predictions, drift counts, live-estimate tallies and the log's encoding and commit
+cost about three times the model's own CPU on a 1,000-row batch (README, Benchmarks). In a thread
+of the serving process all of it holds the one GIL the event loop and the request threads need, so
+throughput fell to about half of plain BentoML's at 100 and 1,000 rows a request. Here it runs on
+another core.
+
+How. ``RecorderProcess`` (in the serving process) has the ``Recorder``'s interface. ``submit``
+decides the sample and enters logged rows in this process's ledger, then queues the result, slimmed
+to what recording reads (``slim``); one sender thread pickles what waits over a socket pair to the
+child, ``python -m guarded_serving.recorder_process``, which loads the same config (models,
+profile, estimation artefacts, store) and runs an ordinary ``Recorder`` on what it receives.
+Control messages (flush, take the drift counts, follow a model switch, close) travel in the same
+order as the results, so "flush" means everything submitted before it. The child reports back
+what the serving process counts in its metrics (rows logged, sampled out, dropped), what it has
+processed (the bound on rows in flight), and each durable request's commit.
+
+Bounds and faults. Rows queued here plus rows in flight in the child stay within
+``prediction_log.queue_size`` (beyond it a batch is dropped and counted, as in process). The
+child counts commits and drops straight into the serving process's ledger (``SharedLedger``), so
+crash losses stay exactly counted whichever process is killed. If the child dies, what it held is
+counted as dropped, durable waiters are told, and a new child starts (with a growing pause). When
+the serving process dies, the child finishes what it received, then exits: it watches both its
+socket and its parent's pid.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import replace
+from functools import partial
+from itertools import count
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checks import Verdicts
+from .config import ServingConfig
+from .drift.state import DriftState
+from .errors import StoreError
+from .estimation import WindowTally
+from .guard import GuardedResult
+from .ledger import Ledger
+from .recorder import HandOff, Recorder, RecorderCounts, _Item
+
+log = logging.getLogger(__name__)
+
+#: How long the child may take to load its models before it is given up on (and restarted).
+START_TIMEOUT_S = 120.0
+#: Pauses before restarting a child that died: the first, and the most.
+RESTART_PAUSE_S = (1.0, 30.0)
+#: How often the child looks for its parent when nothing arrives.
+PARENT_POLL_S = 1.0
+
+
+def slim(result: GuardedResult) -> GuardedResult:
+    """The parts of a served result that recording reads (not the flags, problems or frames)."""
+    v = result.verdicts
+    assert v is not None
+    verdicts = Verdicts(status=v.status, flags=np.zeros((0, 0), dtype=bool), flag_names=[], columns=v.columns)
+    total = result.timing_ms.get("total")
+    return replace(result, verdicts=verdicts, reason_counts={}, extra_columns=[],
+                   timing_ms={} if total is None else {"total": total})
+
+
+class RecorderProcess(HandOff):
+    """The serving side of the recorder run in a child process; see the module docstring.
+    ``on_drop(n, stage)`` and ``on_logged(logged, sampled_out)`` are called from a thread of
+    this process and must not raise."""
+
+    def __init__(self, config: ServingConfig, worker_id: str,
+                 on_drop: Callable[[int, str], None] | None = None,
+                 on_logged: Callable[[int, int], None] | None = None,
+                 ledger: Ledger | None = None, challenger: Any = None) -> None:
+        pl = config.prediction_log
+        self.config = config
+        self.worker_id = worker_id
+        self.on_drop = on_drop
+        self.on_logged = on_logged
+        self.ledger = ledger
+        self.log_enabled = pl.enabled
+        self.sample_rate = pl.sample_rate
+        self.durable = pl.enabled and pl.durable
+        self.queue_rows = max(pl.queue_size, config.max_rows)
+        self.drift_enabled = config.drift.enabled
+        self.counts = RecorderCounts()
+        #: The challenger scored in shadow (the child loads its own; this one is for the drift view).
+        self.challenger = challenger
+        self._fingerprints: dict[str, int] = {}
+        self._pid = -1
+        self._running = threading.Event()  # a child has said it is ready (cleared when it is gone)
+        self._seq = count()
+        self._tokens = count()
+        self.restarts = 0
+
+    @property
+    def active(self) -> bool:
+        return self.drift_enabled or self.log_enabled
+
+    # -- the Recorder's interface ------------------------------------------------------------
+
+    def submit(self, request_id: str, result: GuardedResult, wait_s: float = 0.0) -> Future[int] | None:
+        """As ``Recorder.submit``: never blocks on the child beyond ``wait_s`` for room."""
+        if result.verdicts is None or not self.active:
+            return None
+        n = result.n_rows
+        fingerprint, logged, done = self._terms(request_id)
+        cond = self._ensure()
+        with cond:
+            if wait_s > 0 and not self._closing and self._held + n > self.queue_rows:
+                cond.wait_for(lambda: self._closing or self._held + n <= self.queue_rows, wait_s)
+            accepted = not self._closing and self._held + n <= self.queue_rows
+            if accepted:
+                seq = next(self._seq)
+                self._out.append(("item", seq, request_id, time.time(), result, logged, fingerprint,
+                                  done is not None))
+                self._held += n
+                if logged:
+                    self._held_logged += n
+                if done is not None:
+                    self._durable[seq] = done
+                self.counts.submitted += n
+                if logged and self.ledger is not None:
+                    self.ledger.accepted(n)
+                cond.notify_all()
+        if not accepted:
+            self._count_drop(n, "monitoring")
+            if done is not None:
+                done.set_exception(StoreError("the prediction log's queue is full; the request was "
+                                              "not logged, so it is not acknowledged"))
+        return done
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted before this call is processed; False on timeout."""
+        return bool(self._call("flush", timeout, default=False, args=(timeout,)))
+
+    def take_drift(self) -> DriftState | None:
+        return self.take_monitoring()[0]
+
+    def take_monitoring(self) -> tuple[DriftState | None, WindowTally | None]:
+        """The child's drift counts and estimation tally since the last take (None, None when
+        drift is off or the child does not answer within the store timeout)."""
+        if not self.drift_enabled:
+            return None, None
+        got = self._call("take", self.config.store.timeout_seconds, default=None)
+        return (None, None) if got is None else got  # type: ignore[no-any-return]
+
+    def give_back_drift(self, state: DriftState, tally: WindowTally | None = None) -> None:
+        self._control(("give_back", state, tally))
+
+    def follow(self, primary_model: Any, challenger: Any, event: Any = None) -> None:
+        """The serving model set changed: the child loads ``event``'s primary for its shadows
+        (the config's when None) and scores the challenger only if one is given."""
+        self.challenger = challenger
+        self._control(("follow", event, challenger is not None))
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Hand everything over, let the child flush it (at most ``timeout`` s) and exit; what
+        could not be stored is counted as dropped."""
+        if self._pid != os.getpid():
+            return True
+        flushed = self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._out.append(("close",))
+            self._cond.notify_all()
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(max(1.0, timeout * 0.5))
+            except subprocess.TimeoutExpired:
+                log.warning("the recording process did not stop in time; killing it")
+                proc.kill()
+                proc.wait(5)
+        self._child_gone(closing=True)
+        return flushed
+
+    # -- the serving side's threads -------------------------------------------------------------
+
+    def _ensure(self) -> threading.Condition:
+        if self._pid != os.getpid():  # first use in this process (or after a fork)
+            self._pid = os.getpid()
+            self._cond = threading.Condition()
+            self._out: deque[tuple[Any, ...]] = deque()
+            self._held = 0  # rows queued here or in flight in the child
+            self._held_logged = 0
+            self._durable: dict[int, Future[int]] = {}
+            self._pending: dict[int, tuple[Future[Any], Any]] = {}
+            self._closing = False
+            self._proc: subprocess.Popen[bytes] | None = None
+            self._conn: Connection | None = None
+            self._ready = False
+            threading.Thread(target=self._send_loop, name="guarded-recorder-send", daemon=True).start()
+        return self._cond
+
+    def start(self) -> None:
+        """Start the child now (it takes a second or two to load the models) instead of on the
+        first request."""
+        self._ensure()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Whether a recording process runs, waiting up to ``timeout`` s for one to start."""
+        self._ensure()
+        return self._running.wait(timeout)
+
+    def _control(self, message: tuple[Any, ...]) -> None:
+        cond = self._ensure()
+        with cond:
+            self._out.append(message)
+            cond.notify_all()
+
+    def _call(self, kind: str, timeout: float, default: Any, args: tuple[Any, ...] = ()) -> Any:
+        cond = self._ensure()
+        fut: Future[Any] = Future()
+        with cond:
+            if self._closing:
+                return default
+            token = next(self._tokens)
+            self._pending[token] = (fut, default)
+            self._out.append((kind, token, *args))
+            cond.notify_all()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            return default
+        finally:
+            with cond:
+                self._pending.pop(token, None)
+
+    def _send_loop(self) -> None:
+        pause = RESTART_PAUSE_S[0]
+        while True:
+            if self._conn is None:
+                if self._closing:
+                    return
+                if not self._start_child():
+                    time.sleep(pause)
+                    pause = min(pause * 2, RESTART_PAUSE_S[1])
+                    continue
+                pause = RESTART_PAUSE_S[0]
+            with self._cond:
+                while not self._out and self._conn is not None:
+                    self._cond.wait()
+                if not self._out:
+                    continue
+                message = self._out.popleft()
+                conn = self._conn
+            try:
+                assert conn is not None
+                conn.send_bytes(pickle.dumps(_wire(message), protocol=5))
+            except (OSError, AssertionError) as e:
+                # An item that never reached the child is counted with what the child held.
+                if not self._closing:
+                    log.warning("the recording process is gone (%s)", e)
+                self._child_gone()
+            if message[0] == "close":
+                return
+
+    def _start_child(self) -> bool:
+        parent_end, child_end = socket.socketpair()
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "guarded_serving.recorder_process", str(child_end.fileno())],
+                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        except OSError as e:
+            log.error("could not start the recording process: %s", e)
+            parent_end.close()
+            child_end.close()
+            return False
+        finally:
+            child_end.close()
+        conn = Connection(parent_end.detach())
+        ledger = None if self.ledger is None else str(self.ledger.path)
+        try:
+            conn.send_bytes(pickle.dumps(("init", self.config, self.worker_id, ledger), protocol=5))
+            if not conn.poll(START_TIMEOUT_S):
+                raise OSError(f"no answer within {START_TIMEOUT_S:.0f} s")
+            ready = conn.recv_bytes()
+            assert pickle.loads(ready)[0] == "ready"
+        except (OSError, EOFError, AssertionError) as e:
+            log.error("the recording process did not start: %s", e)
+            proc.kill()
+            proc.wait()
+            conn.close()
+            return False
+        self._proc, self._conn = proc, conn
+        self._running.set()
+        threading.Thread(target=self._receive_loop, args=(conn,), name="guarded-recorder-receive",
+                         daemon=True).start()
+        log.info("recording process %d started", proc.pid)
+        return True
+
+    def _receive_loop(self, conn: Connection) -> None:
+        while True:
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                if conn is self._conn:
+                    self._child_gone()
+                return
+            kind = message[0]
+            if kind == "processed":
+                with self._cond:
+                    self._held -= message[1]
+                    self._held_logged -= message[2]
+                    for seq in message[3]:
+                        self._durable.pop(seq, None)
+                    self._cond.notify_all()
+            elif kind == "done":
+                _, seq, written, error = message
+                with self._cond:
+                    fut = self._durable.pop(seq, None)
+                if fut is not None and not fut.done():
+                    if error is None:
+                        fut.set_result(written)
+                    else:
+                        fut.set_exception(StoreError(error))
+            elif kind == "logged":
+                self.counts.logged += message[1]
+                self.counts.sampled_out += message[2]
+                _call_back(self.on_logged, message[1], message[2])
+            elif kind == "dropped":
+                self._count_drop(message[1], message[2], child=True)
+            elif kind == "reply":
+                with self._cond:
+                    fut, _ = self._pending.pop(message[1], (None, None))
+                if fut is not None and not fut.done():
+                    fut.set_result(message[2])
+
+    def _child_gone(self, closing: bool = False) -> None:
+        """The child exited or its socket broke: what it held is dropped and counted, waiters
+        are told, and (unless closing) the sender starts another."""
+        with self._cond:
+            closing = closing or self._closing
+            conn, proc = self._conn, self._proc
+            if conn is None and not closing:
+                return
+            self._conn, self._proc = None, None
+            self._running.clear()
+            if closing:  # nothing more is sent: what is still queued here is lost too
+                self._out = deque(m for m in self._out if m[0] != "item")
+            queued = [m for m in self._out if m[0] == "item"]
+            in_child = self._held - sum(m[4].n_rows for m in queued)
+            queued_logged = sum(m[4].n_rows for m in queued if m[5])
+            self._held -= in_child
+            self._held_logged = queued_logged
+            waiting = {m[1] for m in queued}
+            lost = {s: f for s, f in self._durable.items() if s not in waiting}
+            for s in lost:
+                del self._durable[s]
+            pending = list(self._pending.values())
+            self._pending.clear()
+            self._cond.notify_all()
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if not closing:
+                self.restarts += 1
+                log.error("the recording process %d exited (code %s); %d row(s) it held are "
+                          "dropped; starting another", proc.pid, proc.returncode, in_child)
+        if in_child > 0:
+            self._count_drop(in_child, "log", child=False, ledger_exact=queued_logged)
+        for f in lost.values():
+            if not f.done():
+                f.set_exception(StoreError("the recording process stopped before the rows were committed"))
+        for fut, default in pending:
+            if not fut.done():
+                fut.set_result(default)
+
+    def _count_drop(self, n: int, stage: str, child: bool = False, ledger_exact: int | None = None) -> None:
+        self.counts.dropped[stage] = self.counts.dropped.get(stage, 0) + n
+        # The child counts its own drops in the ledger; here only what a dead child left: every
+        # accepted row neither committed nor dropped, but for those still queued here.
+        if not child and ledger_exact is not None and self.ledger is not None:
+            lost = self.ledger.unaccounted - ledger_exact
+            if lost > 0:
+                self.ledger.dropped(lost)
+        _call_back(self.on_drop, n, stage)
+
+
+def _wire(message: tuple[Any, ...]) -> tuple[Any, ...]:
+    if message[0] == "item":
+        return (*message[:4], slim(message[4]), *message[5:])
+    return message
+
+
+def _call_back(fn: Callable[..., None] | None, *args: Any) -> None:
+    if fn is not None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("recorder process: callback failed")
+
+
+# -- the child -------------------------------------------------------------------------------
+
+
+class _Child:
+    """The recording process: an ordinary Recorder fed from the socket."""
+
+    def __init__(self, conn: Connection, config: ServingConfig, worker_id: str, ledger_path: str | None) -> None:
+        from .challenger import load_challenger
+        from .estimates import LiveEstimates
+        from .guard import GuardedModel
+        from .ledger import SharedLedger
+        from .store.sql import LazyStore
+
+        self.conn = conn
+        self.config = config
+        self._send_lock = threading.Lock()
+        self.guard = GuardedModel.from_config(config)
+        self.store = LazyStore(config.store.url, config.store.table_prefix, config.store.timeout_seconds)
+        self.estimates = LiveEstimates.for_config(config, self.guard.profile)
+        self.ledger = SharedLedger(Path(ledger_path)) if ledger_path else None
+        self.rec = Recorder(self.guard, config, self.store,
+                            on_drop=lambda n, stage: self.send(("dropped", n, stage)),
+                            on_logged=lambda a, b: self.send(("logged", a, b)),
+                            estimates=self.estimates, ledger=self.ledger)  # type: ignore[arg-type]
+        self.rec.on_processed = self._processed
+        try:
+            self.challenger = load_challenger(config)
+        except Exception as e:  # noqa: BLE001 - the serving process reports it
+            log.warning("recording process: no challenger: %s", e)
+            self.challenger = None
+        self.rec.challenger = self.challenger
+        self._switch: Any = None
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, protocol=5)
+        with self._send_lock:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the parent is gone; the log is what matters now
+                pass
+
+    def _committed(self, seq: int, done: Future[int]) -> None:
+        error = done.exception()
+        self.send(("done", seq, None if error else done.result(), None if error is None else str(error)))
+
+    def _processed(self, items: list[_Item]) -> None:
+        rows = sum(it.result.n_rows for it in items)
+        logged = sum(it.result.n_rows for it in items if it.logged)
+        self.send(("processed", rows, logged, [it.seq for it in items if it.done is not None]))
+
+    def run(self) -> None:
+        parent = os.getppid()
+        self.send(("ready",))
+        while True:
+            try:
+                if not self.conn.poll(PARENT_POLL_S):
+                    if os.getppid() != parent:
+                        log.warning("recording process: the serving process is gone; finishing")
+                        break
+                    continue
+                message = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            if not self.handle(message):
+                break
+        self.rec.close(self.config.store.timeout_seconds * 2)
+
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        kind = message[0]
+        if kind == "item":
+            _, seq, request_id, ts, result, logged, fingerprint, durable = message
+            done: Future[int] | None = Future() if durable else None
+            item = _Item(request_id, ts, result, logged, done, fingerprint, seq=seq)
+            if done is not None:
+                done.add_done_callback(partial(self._committed, seq))
+            # The serving process keeps the rows in flight within the queue's size; waiting here
+            # (rather than dropping) is its backpressure.
+            if not self.rec.take_over(item, 3600.0):
+                n = result.n_rows
+                self.rec._dropped(n, "log" if logged else "monitoring")
+                self.send(("processed", n, n if logged else 0, []))
+                if done is not None:
+                    done.set_exception(StoreError("the recorder is closing"))
+        elif kind == "flush":
+            _, token, timeout = message
+            threading.Thread(target=lambda: self.send(("reply", token, self.rec.flush(timeout))),
+                             daemon=True).start()
+        elif kind == "take":
+            self.send(("reply", message[1], self.rec.take_monitoring()))
+        elif kind == "give_back":
+            if message[1] is not None:
+                self.rec.give_back_drift(message[1], message[2])
+        elif kind == "follow":
+            self.follow(message[1], message[2])
+        elif kind == "close":
+            return False
+        return True
+
+    def follow(self, event: Any, with_challenger: bool) -> None:
+        from .promotion import build_guard
+
+        guard = self.guard
+        if event is not None:
+            try:
+                guard = build_guard(self.config, event.to, self.guard)
+            except Exception as e:  # noqa: BLE001 - the serving process keeps the old set too
+                log.error("recording process: switch %s could not be loaded: %s", event.id, e)
+                return
+        if self.estimates is not None:
+            self.estimates.follow(event.to.profile if event is not None else self.config.profile,
+                                  guard.profile)
+        self.rec.follow(guard.primary, self.challenger if with_challenger else None)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s guarded-recorder[%(process)d] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server: finish via EOF
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # likewise when the server's group is stopped
+    conn = Connection(int(argv[0]))
+    try:
+        kind, config, worker_id, ledger_path = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return 0
+    child = _Child(conn, config, worker_id, ledger_path)
+    # The models, pandas and numpy live as long as the process: full collections need not walk them.
+    gc.collect()
+    gc.freeze()
+    child.run()
+    if child.ledger is not None:
+        child.ledger.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,146 @@
+"""The recorder in a process of its own (a real child process, a real SQLite store): what the
+serving side hands over is logged and counted as in process, durable waiters hear of their
+commit, and a recording process that dies costs counted rows, never the serving side."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from guarded_serving.config import load_config
+from guarded_serving.errors import StoreError
+from guarded_serving.guard import GuardedModel
+from guarded_serving.ledger import Ledger
+from guarded_serving.recorder_process import RecorderProcess, slim
+from guarded_serving.store.sql import Store
+
+from ._data import features, serve
+from .server import write_config
+
+
+@pytest.fixture(scope="module")
+def guard() -> GuardedModel:
+    return GuardedModel.from_config(load_config(write_config(Path("/tmp"))))
+
+
+def _recorder(tmp_path: Path, ledger: Ledger | None = None, max_rows: int = 1000, **log: object) -> RecorderProcess:
+    cfg = load_config(write_config(tmp_path, prediction_log=log, max_rows=max_rows))
+    calls: dict[str, list[tuple[int, object]]] = {"dropped": [], "logged": []}
+    rec = RecorderProcess(cfg, "test:1", on_drop=lambda n, stage: calls["dropped"].append((n, stage)),
+                          on_logged=lambda a, b: calls["logged"].append((a, b)), ledger=ledger)
+    rec.calls = calls  # type: ignore[attr-defined]
+    rec.start()
+    return rec
+
+
+def _store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+
+
+def test_a_hand_off_is_logged_and_counted_by_the_child(tmp_path: Path, guard: GuardedModel) -> None:
+    ledger = Ledger(tmp_path / "ledgers", "test:1")
+    rec = _recorder(tmp_path, ledger)
+    X = features(serve()).head(60)
+    results = [guard.predict(X.iloc[i:i + 15].reset_index(drop=True)) for i in range(0, 60, 15)]
+    for i, r in enumerate(results):
+        rec.submit(f"r{i}", r)
+    assert rec.flush(60)
+    df = _store(tmp_path).joined()
+    assert len(df) == 60 and sorted(df["request_id"].unique()) == ["r0", "r1", "r2", "r3"]
+    assert df["fallback_prediction"].notna().all() and df["primary_prediction"].notna().all()
+    assert rec.counts.submitted == 60 and rec.counts.logged == 60
+    assert sum(a for a, _ in rec.calls["logged"]) == 60  # type: ignore[attr-defined]
+    state, _ = rec.take_monitoring()
+    assert state is not None and state.rows == 60
+    again, _ = rec.take_monitoring()
+    assert again is not None and again.rows == 0, "a take starts the counts again"
+    rec.give_back_drift(state)
+    back, _ = rec.take_monitoring()
+    assert back is not None and back.rows == 60
+    assert ledger.counts() == (60, 60, 0), "the child counts its commits into the worker's ledger"
+    proc = rec._proc
+    assert rec.close(30) and proc is not None and proc.poll() is not None, "close stops the child"
+    ledger.close()
+
+
+def test_durable_waiters_hear_of_their_commit(tmp_path: Path, guard: GuardedModel) -> None:
+    rec = _recorder(tmp_path, durable=True)
+    X = features(serve())
+    done = [rec.submit(f"d{i}", guard.predict(X.iloc[i * 5:(i + 1) * 5].reset_index(drop=True)))
+            for i in range(6)]
+    assert all(d is not None for d in done)
+    assert [d.result(60) for d in done if d is not None] and all(d.exception() is None for d in done if d)
+    assert set(_store(tmp_path).joined()["request_id"]) == {f"d{i}" for i in range(6)}
+    rec.close(30)
+
+
+def test_a_killed_child_costs_counted_rows_and_a_new_child_takes_over(tmp_path: Path, guard: GuardedModel) -> None:
+    ledger = Ledger(tmp_path / "ledgers", "test:1")
+    rec = _recorder(tmp_path, ledger)
+    X = features(serve())
+    rec.submit("before", guard.predict(X.head(10)))
+    assert rec.flush(60)
+    first = rec._proc
+    assert first is not None
+    # Stop the child between two lots, then hand it a batch it will never take.
+    os.kill(first.pid, signal.SIGSTOP)
+    rec.submit("lost", guard.predict(X.head(7)))
+    time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while (rec._proc is None or rec._proc is first) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rec._proc is not None and rec._proc is not first and rec.restarts == 1
+    assert (7, "log") in rec.calls["dropped"]  # type: ignore[attr-defined]
+    rec.submit("after", guard.predict(X.head(3)))
+    assert rec.flush(60)
+    assert set(_store(tmp_path).joined()["request_id"]) == {"before", "after"}
+    accepted, committed, dropped = ledger.counts()
+    assert (accepted, committed, dropped) == (20, 13, 7), "every accepted row is committed or counted"
+    rec.close(30)
+    ledger.close()
+
+
+def test_durable_waiters_are_told_when_the_child_dies(tmp_path: Path, guard: GuardedModel) -> None:
+    rec = _recorder(tmp_path, durable=True)
+    X = features(serve())
+    assert rec.flush(60)
+    child = rec._proc
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    done = rec.submit("d", guard.predict(X.head(4)))
+    assert done is not None
+    time.sleep(0.3)
+    os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(StoreError, match="recording process stopped"):
+        done.result(30)
+    rec.close(30)
+
+
+def test_a_full_hand_off_drops_and_counts_instead_of_waiting(tmp_path: Path, guard: GuardedModel) -> None:
+    rec = _recorder(tmp_path, queue_size=10, max_rows=10)
+    X = features(serve())
+    assert rec.flush(60)
+    child = rec._proc
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)  # a child that takes nothing
+    try:
+        for i in range(3):
+            rec.submit(f"r{i}", guard.predict(X.head(6)))
+        assert rec.counts.dropped["monitoring"] >= 6, "beyond queue_size, batches are dropped and counted"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    assert rec.flush(60)
+    rec.close(30)
+
+
+def test_the_hand_off_carries_only_what_recording_reads(guard: GuardedModel) -> None:
+    r = guard.predict(features(serve()).head(20))
+    s = slim(r)
+    assert s.verdicts is not None and r.verdicts is not None
+    assert s.verdicts.columns is r.verdicts.columns and s.verdicts.flags.size == 0
+    assert set(s.timing_ms) == {"total"} and s.routes is r.routes and s.reasons is r.reasons
