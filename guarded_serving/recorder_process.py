@@ -201,7 +201,7 @@ class RecorderProcess(HandOff):
             self._held = 0  # rows queued here or in flight in the child
             self._held_logged = 0
             self._durable: dict[int, Future[int]] = {}
-            self._pending: dict[int, tuple[Future[Any], Any]] = {}
+            self._pending: dict[int, tuple[Future[Any], Any, str]] = {}
             self._closing = False
             self._proc: subprocess.Popen[bytes] | None = None
             self._conn: Connection | None = None
@@ -232,16 +232,14 @@ class RecorderProcess(HandOff):
             if self._closing:
                 return default
             token = next(self._tokens)
-            self._pending[token] = (fut, default)
+            self._pending[token] = (fut, default, kind)
             self._out.append((kind, token, *args))
             cond.notify_all()
         try:
             return fut.result(timeout)
         except TimeoutError:
-            return default
-        finally:
-            with cond:
-                self._pending.pop(token, None)
+            # Given up on: a late answer is not lost (drift counts taken go back to the child).
+            return default if fut.cancel() else fut.result()
 
     def _send_loop(self) -> None:
         pause = RESTART_PAUSE_S[0]
@@ -342,9 +340,13 @@ class RecorderProcess(HandOff):
                 self._count_drop(message[1], message[2], child=True)
             elif kind == "reply":
                 with self._cond:
-                    fut, _ = self._pending.pop(message[1], (None, None))
-                if fut is not None and not fut.done():
+                    fut, _, asked = self._pending.pop(message[1], (None, None, ""))
+                if fut is None:
+                    continue
+                if fut.set_running_or_notify_cancel():
                     fut.set_result(message[2])
+                elif asked == "take" and message[2] is not None and message[2][0] is not None:
+                    self.give_back_drift(*message[2])  # the caller gave up waiting: keep the counts
 
     def _child_gone(self, closing: bool = False) -> None:
         """The child exited or its socket broke: what it held is dropped and counted, waiters
@@ -385,8 +387,8 @@ class RecorderProcess(HandOff):
         for f in lost.values():
             if not f.done():
                 f.set_exception(StoreError("the recording process stopped before the rows were committed"))
-        for fut, default in pending:
-            if not fut.done():
+        for fut, default, _ in pending:
+            if fut.set_running_or_notify_cancel():
                 fut.set_result(default)
 
     def _count_drop(self, n: int, stage: str, child: bool = False, ledger_exact: int | None = None) -> None:

@@ -144,3 +144,23 @@ def test_the_hand_off_carries_only_what_recording_reads(guard: GuardedModel) -> 
     assert s.verdicts is not None and r.verdicts is not None
     assert s.verdicts.columns is r.verdicts.columns and s.verdicts.flags.size == 0
     assert set(s.timing_ms) == {"total"} and s.routes is r.routes and s.reasons is r.reasons
+
+
+def test_drift_counts_answered_too_late_are_kept_for_the_next_take(tmp_path: Path, guard: GuardedModel) -> None:
+    cfg = load_config(write_config(tmp_path, store={"url": f"sqlite:///{tmp_path / 'store.sqlite3'}",
+                                                    "timeout_seconds": 0.5}))
+    rec = RecorderProcess(cfg, "test:1")
+    rec.start()
+    rec.submit("r", guard.predict(features(serve()).head(12)))
+    assert rec.flush(60)
+    child = rec._proc
+    assert child is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        assert rec.take_monitoring() == (None, None), "a child that does not answer in time: nothing"
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    time.sleep(1.0)  # its late answer arrives and is given back
+    state, _ = rec.take_monitoring()
+    assert state is not None and state.rows == 12
+    rec.close(30)
