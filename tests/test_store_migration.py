@@ -450,3 +450,27 @@ def test_workers_opening_an_old_store_at_once_migrate_it_once(kind: str, tmp_pat
             if p.is_alive():
                 p.kill()
         _drop_prefixed(engine, prefix)
+
+
+def test_the_cli_says_what_it_would_migrate_then_migrates(tmp_path: Path, capsys) -> None:
+    from guarded_serving.cli import main
+
+    from .server import write_config
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    engine = sa.create_engine(url)
+    rows = _old_rows(5)
+    _row_store(engine, "gs_", rows, [])
+    cfg = write_config(tmp_path)
+    assert main(["migrate-store", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "gs_predictions: 10 logged row(s)" in out and "without --dry-run" in out
+    assert "predictions" in _tables(engine, "gs_")
+    assert main(["migrate-store", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "migrated 10 logged row(s)" in out and "gs_legacy_predictions" in out
+    assert main(["migrate-store", str(cfg)]) == 0
+    assert "nothing to migrate" in capsys.readouterr().out
+    store = Store(url)
+    assert store.migrated is None and len(store.joined()) == len(rows)
+    store.close()
