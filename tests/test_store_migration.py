@@ -351,6 +351,38 @@ def test_the_first_batched_log_gets_its_request_ids_from_the_index(old) -> None:
     store.close()
 
 
+def test_a_log_of_both_batched_layouts_is_rebuilt_with_the_fingerprints_of_client_ids(old) -> None:
+    # Upgraded from the first batched log to the version before this one without a migration:
+    # log_batches holds bodies of both formats, the old log_index beside the newer log_keys.
+    url, prefix, engine = old
+    md = sa.MetaData()
+    ix = _log_index(md, prefix, offsets=True)
+    md.create_all(engine)
+    tables = _log_v2(engine, prefix)
+    with engine.begin() as conn:
+        batch_id = conn.execute(tables["batches"].insert().values(
+            first_ts=1717000100.0, last_ts=1717000101.75, rows=5, body=V0_BODY.read_bytes())).inserted_primary_key[0]
+        conn.execute(ix.insert(), [{"request_id": r, "first_row": f, "n_rows": n, "batch_id": batch_id,
+                                    "offset": off} for r, f, n, off in V0_RUNS])
+    new = _served("new", 30)
+    _append_v2(engine, tables, new, parts_per_batch=1 << 20)
+    with engine.begin() as conn:
+        k = tables["keys"]
+        conn.execute(k.update().where(k.c.request_key == request_key("new-4")).values(fingerprint=-42))
+        conn.execute(tables["outcomes"].insert(), [
+            {"request_id": "client-7", "row": 0, "outcome": "1.5", "ts": 5.0},
+            {"request_id": "new-4", "row": 2, "outcome": "2.5", "ts": 5.0}])
+    store = Store(url, prefix=prefix)
+    assert store.migrated is not None and store.migrated.rebuild
+    assert store.migrated.copied == 5 + len(new)
+    df = store.outcome_rows()
+    assert sorted(zip(df.request_id, df.row, df.outcome, strict=True)) == [("client-7", 0, 1.5), ("new-4", 2, 2.5)]
+    assert len(store.joined()) == 5 + len(new)
+    assert store.request_fingerprint("new-4") == (True, -42)
+    assert store.request_fingerprint(V0_HEX) == (True, None)
+    store.close()
+
+
 def _per_buffer(body: bytes) -> bytes:
     """The V1 body as 26e3a65 to 02fb6bb wrote bodies: Arrow's per-buffer compression."""
     with pa.ipc.open_stream(pa.input_stream(pa.py_buffer(body), compression="zstd")) as r:
@@ -471,6 +503,10 @@ def test_the_cli_says_what_it_would_migrate_then_migrates(tmp_path: Path, capsys
     assert "migrated 10 logged row(s)" in out and "gs_legacy_predictions" in out
     assert main(["migrate-store", str(cfg)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
+    assert main(["export", str(cfg), "--out", str(tmp_path / "log.json")]) == 0
+    exported = json.loads((tmp_path / "log.json").read_text())
+    assert sorted(r["request_id"] for r in exported) == sorted(r["request_id"] for r in rows)
+    assert exported[0]["carat"] == 0.5
     store = Store(url)
     assert store.migrated is None and len(store.joined()) == len(rows)
     store.close()
