@@ -14,7 +14,8 @@ the whole store: meant for tests, not for concurrent use.
 The prediction log is stored a batch at a time (``logbatch.LogBatch``: one compressed Arrow
 record batch per flush in ``{prefix}log_batches``) with a small index, ``{prefix}log_keys``,
 that maps each request id to its rows of a batch: one index row per request, not per row. Its key
-is the request id as bytes, 16 for a server-made id (``request_key``).
+is the request id as bytes, 16 for a server-made id (``request_key``). A store written by an older
+guarded-serving is migrated to these tables when first opened (``migration``).
 
 Every connection gets a connect timeout and a statement timeout (``timeout_s``): a database
 that accepts connections and never answers is a StoreError after a few seconds, not a hang.
