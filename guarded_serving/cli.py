@@ -580,8 +580,9 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         print(f"store {store.url_display} is in the current layout: nothing to migrate")
     else:
         kept = ", ".join(legacy_name(store, t) for t in plan.tables)
-        print(f"{plan.describe()}\nmigrated {plan.copied} logged row(s) in {store.url_display}; "
-              f"the old tables are kept as {kept}: drop them once the log reads as expected")
+        print(f"{plan.describe()}\nmigrated {store.url_display} ({plan.copied} logged row(s) copied)"
+              + (f"; the old tables are kept as {kept}: drop them once the log reads as expected"
+                 if kept else ""))
     return 0
 
 

@@ -423,6 +423,31 @@ def test_a_text_keyed_index_or_one_without_fingerprints_is_rebuilt(old, layout) 
     store.close()
 
 
+def test_events_without_follows_get_it_and_chain_once(old) -> None:
+    # cbdeb81 to 408f4c3: no follows column, so recording a drift status change failed.
+    url, prefix, engine = old
+    md = sa.MetaData()
+    ev = sa.Table(f"{prefix}events", md,
+                  sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+                  sa.Column("ts", sa.Double, nullable=False),
+                  sa.Column("kind", sa.Text, nullable=False),
+                  sa.Column("body", sa.Text),
+                  sa.Index(f"{prefix}events_kind_ts", "kind", "ts"),
+                  sqlite_autoincrement=True)
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(ev.insert(), [{"ts": 1.0, "kind": "drift_status", "body": '{"status": "ok"}'},
+                                   {"ts": 2.0, "kind": "drift_status", "body": '{"status": "drift"}'}])
+    store = Store(url, prefix=prefix)
+    assert store.migrated is not None and store.migrated.events_follows and store.migrated.copied == 0
+    assert [e["body"]["status"] for e in store.events("drift_status")] == ["drift", "ok"]
+    first = store.add_event_after("drift_status", 0, {"status": "ok"}, ts=3.0)
+    assert first is not None
+    assert store.add_event_after("drift_status", 0, {"status": "ok"}, ts=3.0) is None  # recorded once
+    assert store.add_event_after("drift_status", first, {"status": "drift"}, ts=4.0) is not None
+    store.close()
+
+
 # -- opening ----------------------------------------------------------------------------------------
 
 
@@ -500,7 +525,7 @@ def test_the_cli_says_what_it_would_migrate_then_migrates(tmp_path: Path, capsys
     assert "predictions" in _tables(engine, "gs_")
     assert main(["migrate-store", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert "migrated 10 logged row(s)" in out and "gs_legacy_predictions" in out
+    assert "(10 logged row(s) copied)" in out and "gs_legacy_predictions" in out
     assert main(["migrate-store", str(cfg)]) == 0
     assert "nothing to migrate" in capsys.readouterr().out
     assert main(["export", str(cfg), "--out", str(tmp_path / "log.json")]) == 0

@@ -7,7 +7,9 @@ recognised by its tables:
 - ``{p}log_index``: the first batched log's index, keyed by the request id as text; in its first
   version with each run's ``offset`` in a body whose rows had no request ids of their own;
 - ``{p}log_keys`` without ``fingerprint`` (before client request ids were checked);
-- ``{p}log_parts`` numbered 65,536 to a batch (the current numbering gives each batch 2**20).
+- ``{p}log_parts`` numbered 65,536 to a batch (the current numbering gives each batch 2**20);
+- ``{p}events`` without ``follows`` (before a drift status change was recorded once), which gets
+  the column and its unique index in place.
 
 Opening such a store migrates it in the transaction that opens it: the old rows are appended
 through ``Store._append``, the path every new batch takes, so they read back like new rows
@@ -71,12 +73,14 @@ class LegacyStoreError(StoreError):
 class Plan:
     """What of an older layout a store holds, and what migrating it does: ``tables`` are copied
     into the current log and renamed ``legacy_``; ``rebuild`` when the log tables themselves are
-    of an older layout (then every logged row is copied); ``copied`` once migrated."""
+    of an older layout (then every logged row is copied); ``events_follows`` when the events table
+    lacks its ``follows`` column; ``copied`` once migrated."""
 
     found: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
     rows: int = 0
     rebuild: bool = False
+    events_follows: bool = False
     copied: int = 0
 
     def __bool__(self) -> bool:
@@ -113,10 +117,13 @@ def open_tables(store: Store, conn: Connection, migrate: bool) -> Plan | None:
     for name in plan.tables:
         _rename(store, conn, name)
     store.metadata.create_all(conn, checkfirst=True)
+    if plan.events_follows:
+        _add_follows(store, conn)
     if plan:
         plan = replace(plan, copied=_copy(store, conn, plan))
-        log.warning("store %s: migrated %d logged row(s) from an older layout; its tables are kept as %s",
-                    store.url_display, plan.copied, ", ".join(legacy_name(store, t) for t in plan.tables))
+        log.warning("store %s: migrated from an older layout (%d logged row(s) copied; old tables kept "
+                    "as: %s)", store.url_display, plan.copied,
+                    ", ".join(legacy_name(store, t) for t in plan.tables) or "none")
     m = store.t_meta
     conn.execute(m.delete().where(m.c.name == "layout"))
     conn.execute(m.insert().values(name="layout", value=str(LAYOUT)))
@@ -157,13 +164,17 @@ def find(store: Store, conn: Connection) -> Plan:
     if parts in have and store.t_log_batches.name in have and _misnumbered(store, conn):
         found.append(f"{parts} numbered {_OLD_PARTS_PER_BATCH} to a batch, not {PARTS_PER_BATCH}")
         rebuild = True
+    events = store.t_events.name
+    events_follows = events in have and "follows" not in {c["name"] for c in insp.get_columns(events)}
+    if events_follows:
+        found.append(f"{events} without follows (before a drift status change was recorded once)")
     if rebuild:
         log_tables = (store.t_log_batches.name, parts, index, keys)
         tables += [t for t in log_tables if t in have]
         if store.t_log_batches.name in have:
             b = store.t_log_batches
             rows += int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(b.c.rows), 0))).scalar_one())
-    return Plan(tuple(found), tuple(tables), rows, rebuild)
+    return Plan(tuple(found), tuple(tables), rows, rebuild, events_follows)
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -209,6 +220,16 @@ def _rename(store: Store, conn: Connection, table: str) -> None:
         if name is not None and name in current:
             conn.exec_driver_sql(f"DROP INDEX {quote(name)}")
     conn.exec_driver_sql(f"ALTER TABLE {quote(table)} RENAME TO {quote(new)}")
+
+
+def _add_follows(store: Store, conn: Connection) -> None:
+    """The events table's ``follows`` and, as a unique index (SQLite adds no constraint to a
+    table), what makes a chained event recorded once; older events follow none (null)."""
+    quote = conn.dialect.identifier_preparer.quote
+    t = store.t_events
+    conn.exec_driver_sql(f"ALTER TABLE {quote(t.name)} ADD COLUMN follows INTEGER")
+    unique = next(c for c in t.constraints if isinstance(c, sa.UniqueConstraint))
+    conn.exec_driver_sql(f"CREATE UNIQUE INDEX {quote(str(unique.name))} ON {quote(t.name)} (kind, follows)")
 
 
 def _copy(store: Store, conn: Connection, plan: Plan) -> int:
