@@ -88,7 +88,8 @@ class Store:
     """Persistence for drift segments, the prediction log, outcomes and events.
 
     ``prefix`` is put before every table and index name, so several stores (or test runs) can
-    share one database.
+    share one database. A store written by an older guarded-serving is migrated when opened, once
+    across processes (``migration``); with ``migrate=False`` it is refused (LegacyStoreError).
 
     >>> store = Store("sqlite:////tmp/gs.sqlite3", prefix="gs_")  # doctest: +SKIP
     >>> seg = store.add_segment("w1", 0.0, 1.0, 10, {"counts": [1, 2]})  # doctest: +SKIP
