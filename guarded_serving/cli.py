@@ -560,6 +560,32 @@ def cmd_switch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Bring a store written by an older guarded-serving to the current layout (serving does the
+    same when it opens one); --dry-run says what that would copy and leaves an older store as it is."""
+    from .config import load_config
+    from .store.migration import LegacyStoreError, legacy_name
+    from .store.sql import Store
+
+    config = load_config(args.config)
+    url, prefix = config.store.url, config.store.table_prefix
+    try:
+        store = Store(url, prefix=prefix, timeout_s=config.store.timeout_seconds, migrate=not args.dry_run)
+    except LegacyStoreError as e:
+        print(f"{e.plan.describe()}\nrun without --dry-run to migrate them")
+        return 0
+    store.close()
+    plan = store.migrated
+    if plan is None:
+        print(f"store {store.url_display} is in the current layout: nothing to migrate")
+    else:
+        kept = ", ".join(legacy_name(store, t) for t in plan.tables)
+        print(f"{plan.describe()}\nmigrated {store.url_display} ({plan.copied} logged row(s) copied)"
+              + (f"; the old tables are kept as {kept}: drop them once the log reads as expected"
+                 if kept else ""))
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .errors import ProfileError
@@ -744,6 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--actor", default=None, help="who (default cli:<user>)")
         p.add_argument("--json", action="store_true", help="print the switch event as JSON")
         p.set_defaults(func=cmd_switch, action=action)
+
+    p = sub.add_parser("migrate-store", help="bring a store written by an older guarded-serving to "
+                                             "the current layout (serving does it when it opens one)")
+    p.add_argument("config", help="serving config YAML (names the store)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be migrated and leave an older store as it is")
+    p.set_defaults(func=cmd_migrate_store)
 
     p = sub.add_parser("estimate", help="estimate accuracy or error of the primary, the fallback and "
                                         "the guarded service on a file without outcomes")

@@ -14,7 +14,8 @@ the whole store: meant for tests, not for concurrent use.
 The prediction log is stored a batch at a time (``logbatch.LogBatch``: one compressed Arrow
 record batch per flush in ``{prefix}log_batches``) with a small index, ``{prefix}log_keys``,
 that maps each request id to its rows of a batch: one index row per request, not per row. Its key
-is the request id as bytes, 16 for a server-made id (``request_key``).
+is the request id as bytes, 16 for a server-made id (``request_key``). A store written by an older
+guarded-serving is migrated to these tables when first opened (``migration``).
 
 Every connection gets a connect timeout and a statement timeout (``timeout_s``): a database
 that accepts connections and never answers is a StoreError after a few seconds, not a hang.
@@ -37,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,8 +50,20 @@ from sqlalchemy.pool import StaticPool
 
 from ..codec import dumps, jsonable, loads
 from ..errors import ConflictError, NotFoundError, Problem, StoreError
-from .logbatch import FEATURE_PREFIX, LOG_COLUMNS, LogBatch, decode, encode, is_hex_id, schema_id_of
+from .logbatch import (
+    FEATURE_PREFIX,
+    LOG_COLUMNS,
+    EncodedBatch,
+    LogBatch,
+    decode,
+    encode,
+    is_hex_id,
+    schema_id_of,
+)
 from .logbatch import JSON_COLUMNS as JSON_COLUMNS  # re-exported
+
+if TYPE_CHECKING:
+    from .migration import Plan
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +88,8 @@ class Store:
     """Persistence for drift segments, the prediction log, outcomes and events.
 
     ``prefix`` is put before every table and index name, so several stores (or test runs) can
-    share one database.
+    share one database. A store written by an older guarded-serving is migrated when opened, once
+    across processes (``migration``); with ``migrate=False`` it is refused (LegacyStoreError).
 
     >>> store = Store("sqlite:////tmp/gs.sqlite3", prefix="gs_")  # doctest: +SKIP
     >>> seg = store.add_segment("w1", 0.0, 1.0, 10, {"counts": [1, 2]})  # doctest: +SKIP
@@ -84,7 +98,7 @@ class Store:
     """
 
     def __init__(self, url: str, prefix: str = "gs_", *, synchronous: str | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, migrate: bool = True) -> None:
         try:
             parsed = make_url(url)
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad URL
@@ -135,8 +149,10 @@ class Store:
         self.metadata = sa.MetaData()
         #: Log schemas known to be stored (id -> schema message): written and read once each.
         self._schemas: dict[int, bytes] = {}
+        #: What opening migrated from an older guarded-serving's tables (None: nothing).
+        self.migrated: Plan | None = None
         self._define_tables()
-        self._create_tables()
+        self._open_tables(migrate)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -205,6 +221,13 @@ class Store:
             sa.Column("outcome", text),
             sa.Column("ts", double, nullable=False),
         )
+        # What layout the store's tables are in (``migration.LAYOUT``): an opener reads it and
+        # knows whether an older guarded-serving's tables need migrating.
+        self.t_meta = sa.Table(
+            f"{p}store_meta", md,
+            sa.Column("name", text, primary_key=True),
+            sa.Column("value", text, nullable=False),
+        )
         self.t_events = sa.Table(
             f"{p}events", md,
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -219,19 +242,31 @@ class Store:
             sqlite_autoincrement=True,
         )
 
-    def _create_tables(self) -> None:
-        # Several workers may start at once: the loser of a CREATE race sees "already exists",
-        # and the next checkfirst pass finds the tables.
-        for attempt in range(5):
+    def _open_tables(self, migrate: bool) -> None:
+        """Create missing tables, or bring an older guarded-serving's tables to the current
+        layout (``migration``), once across the processes that open the store at once."""
+        from . import migration  # it builds on this module
+
+        if migration.is_current(self):
+            return
+        deadline = time.monotonic() + migration.OPEN_WAIT_S
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 # BEGIN IMMEDIATE on SQLite: a deferred transaction that read the schema and then
                 # wants to write fails at once with "database is locked" instead of waiting its turn.
                 with self.engine.connect().execution_options(gs_begin_immediate=True) as conn, conn.begin():
-                    self.metadata.create_all(conn, checkfirst=True)
+                    self.migrated = migration.open_tables(self, conn, migrate)
                 return
             except SQLAlchemyError as e:
-                if attempt < 4 and (_is_duplicate_object(e) or "database is locked" in str(e)):
-                    time.sleep(0.05 * (attempt + 1))
+                # The loser of a CREATE race with a process of an older version sees "already
+                # exists"; a process migrating the store holds SQLite's write lock for a while.
+                if time.monotonic() < deadline and (_is_duplicate_object(e) or "database is locked" in str(e)):
+                    if attempt > 1:
+                        log.warning("store %s: waiting for another process to finish creating or "
+                                    "migrating its tables", self._url_display)
+                    time.sleep(min(0.05 * attempt, 1.0))
                     continue
                 raise StoreError(f"cannot create the tables of store {self._url_display}: "
                                  f"{self._clean(e)}") from e
@@ -346,40 +381,46 @@ class Store:
         many rows were stored."""
         if not len(batch):
             return 0
-        t, ix = self.t_log_batches, self.t_log_index
         with self._write(f"logging {len(batch)} prediction row(s)") as conn:
+            n, encoded = self._append(conn, batch)
+        if encoded is not None:
+            self._schemas[encoded.schema_id] = encoded.schema  # committed
+        return n
+
+    def _append(self, conn: Connection, batch: LogBatch) -> tuple[int, EncodedBatch | None]:
+        """``append_log`` within the caller's transaction: (rows stored, the batch as encoded)."""
+        t, ix = self.t_log_batches, self.t_log_index
+        runs = _runs(batch.request_id, batch.row)
+        keep = self._new_rows(conn, batch, runs)
+        if keep is not None:
+            batch = batch.take(keep)
             runs = _runs(batch.request_id, batch.row)
-            keep = self._new_rows(conn, batch, runs)
-            if keep is not None:
-                batch = batch.take(keep)
-                runs = _runs(batch.request_id, batch.row)
-            if not len(batch):
-                return 0
-            encoded = encode(batch)
-            if encoded.schema_id not in self._schemas:
-                conn.execute(self._insert(self.t_log_schemas).values(id=encoded.schema_id, body=encoded.schema))
-            ts = batch.columns["ts"]
-            body = encoded.body
-            whole = len(body) // BODY_PART * BODY_PART
-            if whole // BODY_PART >= PARTS_PER_BATCH:
-                raise StoreError(f"a log batch of {len(batch)} rows encodes to {len(body)} bytes, more "
-                                 f"than the {BODY_PART * PARTS_PER_BATCH} a batch can hold; flush more often")
-            res = conn.execute(t.insert().values(
-                first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
-                body=body[whole:]))
-            batch_id = _new_id(res)
-            if whole:
-                first = batch_id * PARTS_PER_BATCH
-                conn.execute(self.t_log_parts.insert(), [
-                    {"id": first + i, "data": body[at:at + BODY_PART]}
-                    for i, at in enumerate(range(0, whole, BODY_PART))])
-            fps = batch.fingerprints
-            conn.execute(ix.insert(), [
-                {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
-                 "fingerprint": fps.get(rid)}
-                for rid, first, n in runs.rows()])
-        self._schemas[encoded.schema_id] = encoded.schema  # committed
-        return len(batch)
+        if not len(batch):
+            return 0, None
+        encoded = encode(batch)
+        if encoded.schema_id not in self._schemas:
+            conn.execute(self._insert(self.t_log_schemas).values(id=encoded.schema_id, body=encoded.schema))
+        ts = batch.columns["ts"]
+        body = encoded.body
+        whole = len(body) // BODY_PART * BODY_PART
+        if whole // BODY_PART >= PARTS_PER_BATCH:
+            raise StoreError(f"a log batch of {len(batch)} rows encodes to {len(body)} bytes, more "
+                             f"than the {BODY_PART * PARTS_PER_BATCH} a batch can hold; flush more often")
+        res = conn.execute(t.insert().values(
+            first_ts=float(np.nanmin(ts)), last_ts=float(np.nanmax(ts)), rows=len(batch),
+            body=body[whole:]))
+        batch_id = _new_id(res)
+        if whole:
+            first = batch_id * PARTS_PER_BATCH
+            conn.execute(self.t_log_parts.insert(), [
+                {"id": first + i, "data": body[at:at + BODY_PART]}
+                for i, at in enumerate(range(0, whole, BODY_PART))])
+        fps = batch.fingerprints
+        conn.execute(ix.insert(), [
+            {"request_key": request_key(rid), "first_row": first, "n_rows": n, "batch_id": batch_id,
+             "fingerprint": fps.get(rid)}
+            for rid, first, n in runs.rows()])
+        return len(batch), encoded
 
     def _new_rows(self, conn: Connection, batch: LogBatch, runs: _Runs) -> np.ndarray | None:
         """Mask of the batch's rows not logged yet (and first of their key within the batch);
