@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 #: Pauses before restarting a child that died: the first, and the most.
 RESTART_PAUSE_S = (1.0, 30.0)
+#: The most messages the serving side sends in one frame.
+FRAME_MESSAGES = 64
 #: How often the child looks for its parent when nothing arrives.
 PARENT_POLL_S = 1.0
 
@@ -257,17 +259,19 @@ class RecorderProcess(HandOff):
                     self._cond.wait()
                 if not self._out:
                     continue
-                message = self._out.popleft()
+                # Everything waiting goes in one frame: one wake-up and one write for many
+                # small requests.
+                frame = [self._out.popleft() for _ in range(min(len(self._out), FRAME_MESSAGES))]
                 conn = self._conn
             try:
                 assert conn is not None
-                conn.send_bytes(pickle.dumps(_wire(message), protocol=5))
+                conn.send_bytes(pickle.dumps([_wire(m) for m in frame], protocol=5))
             except (OSError, AssertionError) as e:
-                # An item that never reached the child is counted with what the child held.
+                # Items that never reached the child are counted with what the child held.
                 if not self._closing:
                     log.warning("the recording process is gone (%s)", e)
                 self._child_gone()
-            if message[0] == "close":
+            if frame[-1][0] == "close":
                 return
 
     def _start_child(self) -> bool:
@@ -476,10 +480,10 @@ class _Child:
                         log.warning("recording process: the serving process is gone; finishing")
                         break
                     continue
-                message = pickle.loads(self.conn.recv_bytes())
+                frame = pickle.loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 break
-            if not self.handle(message):
+            if not all(self.handle(m) for m in frame):
                 break
         self.rec.close(self.config.store.timeout_seconds * 2)
 
