@@ -133,8 +133,6 @@ class RecorderProcess(HandOff):
                 self._out.append(("item", seq, request_id, time.time(), result, logged, fingerprint,
                                   done is not None))
                 self._held += n
-                if logged:
-                    self._held_logged += n
                 if done is not None:
                     self._durable[seq] = done
                 self.counts.submitted += n
@@ -201,7 +199,6 @@ class RecorderProcess(HandOff):
             self._cond = threading.Condition()
             self._out: deque[tuple[Any, ...]] = deque()
             self._held = 0  # rows queued here or in flight in the child
-            self._held_logged = 0
             self._durable: dict[int, Future[int]] = {}
             self._pending: dict[int, tuple[Future[Any], Any, str]] = {}
             self._closing = False
@@ -323,7 +320,6 @@ class RecorderProcess(HandOff):
             if kind == "processed":
                 with self._cond:
                     self._held -= message[1]
-                    self._held_logged -= message[2]
                     for seq in message[3]:
                         self._durable.pop(seq, None)
                     self._cond.notify_all()
@@ -368,7 +364,6 @@ class RecorderProcess(HandOff):
             in_child = self._held - sum(m[4].n_rows for m in queued)
             queued_logged = sum(m[4].n_rows for m in queued if m[5])
             self._held -= in_child
-            self._held_logged = queued_logged
             waiting = {m[1] for m in queued}
             lost = {s: f for s, f in self._durable.items() if s not in waiting}
             for s in lost:

@@ -349,9 +349,11 @@ def test_durable_mode_counts_no_loss(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_the_worker_started_in_place_of_a_killed_one_counts_its_loss(tmp_path: Path) -> None:
-    # Nothing is written before the kill (long flush interval, big batches): the victim loses
-    # every row it acknowledged, for certain, and the test need not guess whether it lost any.
-    cfg = write_config(tmp_path, prediction_log={"flush_seconds": 60.0, "batch_size": 5000})
+    # Nothing is written before the kill (long flush intervals, big batches; the background drift
+    # evaluation, which flushes the log first, also waits): the victim loses every row it
+    # acknowledged, for certain, and the test need not guess whether it lost any.
+    cfg = write_config(tmp_path, prediction_log={"flush_seconds": 60.0, "batch_size": 5000},
+                       store={"flush_seconds": 600.0})
     folder = ledger_dir(load_config(cfg).store.url, "gs_")
     assert folder is not None
     srv = Server(cfg, workers=2).start()
