@@ -204,7 +204,6 @@ class RecorderProcess(HandOff):
             self._closing = False
             self._proc: subprocess.Popen[bytes] | None = None
             self._conn: Connection | None = None
-            self._ready = False
             threading.Thread(target=self._send_loop, name="guarded-recorder-send", daemon=True).start()
         return self._cond
 
@@ -254,16 +253,15 @@ class RecorderProcess(HandOff):
             with self._cond:
                 while not self._out and self._conn is not None:
                     self._cond.wait()
-                if not self._out:
+                conn = self._conn
+                if conn is None or not self._out:
                     continue
                 # Everything waiting goes in one frame: one wake-up and one write for many
                 # small requests.
                 frame = [self._out.popleft() for _ in range(min(len(self._out), FRAME_MESSAGES))]
-                conn = self._conn
             try:
-                assert conn is not None
                 conn.send_bytes(pickle.dumps([_wire(m) for m in frame], protocol=5))
-            except (OSError, AssertionError) as e:
+            except OSError as e:
                 # Items that never reached the child are counted with what the child held.
                 if not self._closing:
                     log.warning("the recording process is gone (%s)", e)
@@ -293,9 +291,9 @@ class RecorderProcess(HandOff):
             conn.send_bytes(pickle.dumps(("init", self.config, self.worker_id, ledger), protocol=5))
             if not conn.poll(START_TIMEOUT_S):
                 raise OSError(f"no answer within {START_TIMEOUT_S:.0f} s")
-            ready = conn.recv_bytes()
-            assert pickle.loads(ready)[0] == "ready"
-        except (OSError, EOFError, AssertionError) as e:
+            if pickle.loads(conn.recv_bytes())[0] != "ready":
+                raise OSError("it answered something else than ready")
+        except (OSError, EOFError) as e:
             log.error("the recording process did not start: %s", e)
             proc.kill()
             proc.wait()
