@@ -29,3 +29,26 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() >= deadline:
             raise AssertionError(f"not true within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def released_together(target: Callable[..., None], args: list[tuple[Any, ...]], timeout: float) -> list[Any]:
+    """Run ``target(*a, start, results)`` for each ``a`` in a spawned process of its own, all
+    released at once by the ``start`` event, and return what each put on ``results`` (in the
+    order they arrived); processes still alive at the end are killed."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, start, results)) for a in args]
+    try:
+        for p in procs:
+            p.start()
+        start.set()
+        outs = [results.get(timeout=timeout) for _ in procs]
+        for p in procs:
+            p.join(30)
+        return outs
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ import sqlalchemy as sa
 
 from guarded_serving.errors import ConflictError, NotFoundError, StoreError
 from guarded_serving.store import Store
+
+from .conftest import released_together
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -384,17 +385,8 @@ def test_two_processes_write_concurrently(kind: str, tmp_path: Path) -> None:
     n = 40
     s = Store(url, prefix=prefix)
     s.log_predictions(_rows("own0", n) + _rows("own1", n) + _rows("same", n) + _rows("contested", n))
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(url, prefix, fresh, w, n, start, results))
-             for w in (0, 1)]
     try:
-        for p in procs:
-            p.start()
-        start.set()
-        outs = [results.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(30)
+        outs = released_together(_process_worker, [(url, prefix, fresh, w, n) for w in (0, 1)], timeout=60)
         assert [o["errors"] for o in outs] == [[], []]
         assert sorted(o["contested"] for o in outs) == ["conflict", "won"]
         winner = next(o["worker"] for o in outs if o["contested"] == "won")
@@ -405,9 +397,6 @@ def test_two_processes_write_concurrently(kind: str, tmp_path: Path) -> None:
         assert len(s.segments()) == 2 * (n // 5)
         assert sorted(seg["worker"] for seg in Store(url, prefix=fresh).segments()) == ["w0", "w1"]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
         _drop(s)
         _drop(Store(url, prefix=fresh))
 

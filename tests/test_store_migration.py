@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from guarded_serving.store.logbatch import LogBatch, encode
 from guarded_serving.store.migration import LAYOUT, LegacyStoreError
 from guarded_serving.store.sql import BODY_PART, request_key
 
+from .conftest import released_together
 from .test_store import BACKENDS, V1_BODY, V1_IDS, _check_v1, _prefix, _url
 
 #: A body of the first batched format (6412ac9: per-buffer zstd, no request ids or rows; those
@@ -487,25 +487,14 @@ def test_workers_opening_an_old_store_at_once_migrate_it_once(kind: str, tmp_pat
     engine = sa.create_engine(url)
     rows = _old_rows(3000)
     _row_store(engine, prefix, rows, [(rows[-1]["request_id"], 1, 2.0)])
-    ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_open, args=(url, prefix, start, results)) for _ in range(4)]
     try:
-        for p in procs:
-            p.start()
-        start.set()
-        outs = [results.get(timeout=120) for _ in procs]
-        for p in procs:
-            p.join(30)
+        outs = released_together(_open, [(url, prefix)] * 4, timeout=120)
         assert sorted(outs, key=str) == sorted([("ok", len(rows))] + [("ok", None)] * 3, key=str)
         store = Store(url, prefix=prefix)
         assert len(store.joined(features=False)) == len(rows)
         assert store.outcome_rows().request_id.tolist() == [rows[-1]["request_id"]]
         store.close()
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
         _drop_prefixed(engine, prefix)
 
 
