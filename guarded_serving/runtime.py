@@ -5,7 +5,9 @@ module maps this to routes and statuses).
 Isolation: the primary model runs on its own executor (``GuardedModel.executor``); the
 monitoring endpoints (``adrift``, ``afeedback``, ``aperformance``) on a small bounded one of
 their own, each call bounded by the store timeout (StoreError, 503, when it passes); the
-recorder writes the log from its own thread and drift counts are flushed by another. A slow or
+recorder (shadows, drift counts, estimate tallies, the log) runs in a process of its own beside
+this one (``recorder_process.py``; a thread of this one in process) and drift counts are flushed
+by another thread. A slow or
 silent store fills its own threads and answers 503 fast; it never holds a model thread, the
 event loop or a lock while it waits.
 """
