@@ -86,6 +86,9 @@ class RecorderProcess(HandOff):
     ``on_drop(n, stage)`` and ``on_logged(logged, sampled_out)`` are called from a thread of
     this process and must not raise."""
 
+    #: How the child is started (its socket's descriptor is added).
+    command: tuple[str, ...] = (sys.executable, "-m", "guarded_serving.recorder_process")
+
     def __init__(self, config: ServingConfig, worker_id: str,
                  on_drop: Callable[[int, str], None] | None = None,
                  on_logged: Callable[[int, int], None] | None = None,
@@ -107,6 +110,7 @@ class RecorderProcess(HandOff):
         self._fingerprints: dict[str, int] = {}
         self._pid = -1
         self._running = threading.Event()  # a child has said it is ready (cleared when it is gone)
+        self._tried = threading.Event()  # a first start has been tried, whatever came of it
         self._seq = count()
         self._tokens = count()
         self.restarts = 0
@@ -213,9 +217,11 @@ class RecorderProcess(HandOff):
         self._ensure()
 
     def wait_ready(self, timeout: float) -> bool:
-        """Whether a recording process runs, waiting up to ``timeout`` s for one to start."""
+        """Whether a recording process runs, waiting up to ``timeout`` s for the first start to
+        succeed or fail."""
         self._ensure()
-        return self._running.wait(timeout)
+        self._tried.wait(timeout)
+        return self._running.is_set()
 
     def _control(self, message: tuple[Any, ...]) -> None:
         cond = self._ensure()
@@ -245,7 +251,9 @@ class RecorderProcess(HandOff):
             if self._conn is None:
                 if self._closing:
                     return
-                if not self._start_child():
+                started = self._start_child()
+                self._tried.set()
+                if not started:
                     time.sleep(pause)
                     pause = min(pause * 2, RESTART_PAUSE_S[1])
                     continue
@@ -276,7 +284,7 @@ class RecorderProcess(HandOff):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "guarded_serving.recorder_process", str(child_end.fileno())],
+                [*self.command, str(child_end.fileno())],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env)
         except OSError as e:
             log.error("could not start the recording process: %s", e)

@@ -140,9 +140,11 @@ class ServingRuntime:
             # Until the recording process runs, nothing acknowledged could be stored: the loss
             # bound holds from the first request only if this worker is not ready before it.
             if not self.recorder.wait_ready(START_TIMEOUT_S):
-                log.error("the recording process is not running after %.0f s; serving without it "
-                          "(rows are queued, then dropped and counted)", START_TIMEOUT_S)
-        else:
+                log.error("the recording process could not start (its error is above); recording "
+                          "in a thread of this worker instead, at a cost to throughput")
+                self.recorder.close(1.0)
+                recorder_process = False
+        if not recorder_process:
             self.recorder = Recorder(self.guard, config, self.store, on_drop=self._on_drop,
                                      on_logged=on_logged, estimates=self.estimates, ledger=ledger)
             self.recorder.challenger = self.challenger

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +165,23 @@ def test_drift_counts_answered_too_late_are_kept_for_the_next_take(tmp_path: Pat
     state, _ = rec.take_monitoring()
     assert state is not None and state.rows == 12
     rec.close(30)
+
+
+def test_a_recording_process_that_cannot_start_leaves_recording_to_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that dies at once (here: a command that exits) must neither hold the worker's
+    start for the whole start timeout nor leave it unmonitored: it records in a thread."""
+    from guarded_serving.recorder import Recorder
+    from guarded_serving.runtime import ServingRuntime
+
+    monkeypatch.setattr(RecorderProcess, "command", (sys.executable, "-c", "import sys; sys.exit(3)"))
+    cfg = load_config(write_config(tmp_path))
+    began = time.monotonic()
+    rt = ServingRuntime(cfg, recorder_process=True)
+    assert time.monotonic() - began < 30
+    assert isinstance(rt.recorder, Recorder)
+    rows = features(serve()).head(8)
+    rt.predict(rows, request_id="r1")
+    assert rt.recorder.flush(30)
+    assert len(_store(tmp_path).joined()) == 8
+    rt.close()
