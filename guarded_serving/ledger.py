@@ -83,7 +83,23 @@ def _boot_id() -> bytes:
 BOOT_ID = _boot_id()
 
 
-class Ledger:
+class _Outcomes:
+    """The counts a recorder keeps of accepted rows' fates, into a ledger's mapped memory."""
+
+    _counts: memoryview
+    _drop_lock: threading.Lock
+
+    def committed(self, n: int) -> None:
+        """``n`` accepted rows the store committed."""
+        self._counts[COMMITTED] += n
+
+    def dropped(self, n: int) -> None:
+        """``n`` accepted rows dropped, and counted, by this process."""
+        with self._drop_lock:
+            self._counts[DROPPED] += n
+
+
+class Ledger(_Outcomes):
     """This process's ledger in ``directory`` (created, locked and mapped here).
 
     The request path calls ``accepted`` under the recorder's queue lock and the recorder's
@@ -148,15 +164,6 @@ class Ledger:
         """``n`` rows taken for the log before they are stored (the request is acknowledged)."""
         self._counts[ACCEPTED] += n
 
-    def committed(self, n: int) -> None:
-        """``n`` accepted rows the store committed."""
-        self._counts[COMMITTED] += n
-
-    def dropped(self, n: int) -> None:
-        """``n`` accepted rows dropped, and counted, by this process."""
-        with self._drop_lock:
-            self._counts[DROPPED] += n
-
     # -- reading and ending ------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int, int]:
@@ -181,7 +188,7 @@ class Ledger:
             _close(self._fd, self._mm, self._counts, None)
 
 
-class SharedLedger:
+class SharedLedger(_Outcomes):
     """Another process's view of a live ledger (``recorder_process.py``): the serving process
     owns the file, holds its lock and counts ``accepted``; its recording process, which commits
     or drops those rows, counts ``committed`` and ``dropped`` here, straight into the same mapped
@@ -201,13 +208,6 @@ class SharedLedger:
 
     def accepted(self, n: int) -> None:  # pragma: no cover - the owner counts these
         raise RuntimeError("rows are accepted by the ledger's owner")
-
-    def committed(self, n: int) -> None:
-        self._counts[COMMITTED] += n
-
-    def dropped(self, n: int) -> None:
-        with self._drop_lock:
-            self._counts[DROPPED] += n
 
     def close(self) -> None:
         self._counts.release()

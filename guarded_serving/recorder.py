@@ -88,10 +88,21 @@ class HandOff:
     """What both recorders (this one, and ``recorder_process.RecorderProcess``) do on the request
     path before queueing: fingerprints of client-named requests, and the log's sample."""
 
-    log_enabled: bool
-    sample_rate: float
-    durable: bool
-    _fingerprints: dict[str, int]
+    def __init__(self, config: ServingConfig, on_drop: Callable[[int, str], None] | None,
+                 on_logged: Callable[[int, int], None] | None, ledger: Ledger | None) -> None:
+        pl = config.prediction_log
+        self.config = config
+        self.log_enabled = pl.enabled
+        self.sample_rate = pl.sample_rate
+        self.durable = pl.enabled and pl.durable
+        self.queue_rows = max(pl.queue_size, config.max_rows)
+        self.on_drop = on_drop
+        self.on_logged = on_logged
+        self.counts = RecorderCounts()
+        #: Rows acknowledged before they are stored, counted where a killed process leaves them
+        #: (ledger.py); None in durable mode, where nothing is acknowledged before it is stored.
+        self.ledger = ledger
+        self._fingerprints: dict[str, int] = {}
 
     def expect_fingerprint(self, request_id: str, fingerprint: int) -> None:
         """The fingerprint of a client-named request's rows (``idempotency``), to be stored with
@@ -110,6 +121,13 @@ class HandOff:
         logged = self.log_enabled and (self.sample_rate >= 1.0 or np.random.random() < self.sample_rate)
         return fingerprint, logged, Future() if self.durable and logged else None
 
+    @staticmethod
+    def _refused(done: Future[int] | None) -> None:
+        """Tell a durable request whose batch found no room that it is not acknowledged."""
+        if done is not None:
+            done.set_exception(StoreError("the prediction log's queue is full; the request was "
+                                          "not logged, so it is not acknowledged"))
+
 
 class Recorder(HandOff):
     """One per serving process; see the module docstring. ``store`` is a function returning the
@@ -125,24 +143,14 @@ class Recorder(HandOff):
             raise ConfigError(f"prediction_log.sample_rate: must be between 0 and 1, got {pl.sample_rate!r}")
         if pl.flush_seconds <= 0:
             raise ConfigError(f"prediction_log.flush_seconds: must be positive, got {pl.flush_seconds!r}")
+        super().__init__(config, on_drop, on_logged, ledger)
         self.guard = guard
-        self.config = config
         self.store = store
-        self.log_enabled = pl.enabled
         self.shadow_fallback = pl.enabled and pl.shadow_fallback
         self.shadow_primary = pl.enabled and pl.shadow_primary
         self.log_features = pl.log_features
-        self.sample_rate = pl.sample_rate
-        self.durable = pl.enabled and pl.durable
         self.flush_seconds = pl.flush_seconds
         self.batch_rows = max(1, pl.batch_size)
-        self.queue_rows = max(pl.queue_size, config.max_rows)
-        self.on_drop = on_drop
-        self.on_logged = on_logged
-        self.counts = RecorderCounts()
-        #: Rows acknowledged before they are stored, counted where a killed process leaves them
-        #: (ledger.py); None in durable mode, where nothing is acknowledged before it is stored.
-        self.ledger = ledger
         self._drift: DriftState | None = DriftState.empty(guard.profile) if config.drift.enabled else None
         self._drift_lock = threading.Lock()
         #: Live estimates: each batch's tally, taken with the drift counts it belongs to.
@@ -160,7 +168,6 @@ class Recorder(HandOff):
         self.challenger: Challenger | None = None
         #: The primary of the serving model set, for its shadow on fallback rows (swapped on a switch).
         self.primary_model = guard.primary
-        self._fingerprints: dict[str, int] = {}
         #: Told of each processed lot, after its rows are counted (recorder_process.py).
         self.on_processed: Callable[[list[_Item]], None] | None = None
 
@@ -183,9 +190,7 @@ class Recorder(HandOff):
         item = _Item(request_id, time.time(), result, logged, done, fingerprint)
         if not self._put(item, wait_s, count_accepted=True):
             self._dropped(n, "monitoring")
-            if done is not None:
-                done.set_exception(StoreError("the prediction log's queue is full; the request was "
-                                              "not logged, so it is not acknowledged"))
+            self._refused(done)
         return done
 
     def take_over(self, item: _Item, wait_s: float) -> bool:

@@ -57,7 +57,7 @@ from .errors import StoreError
 from .estimation import WindowTally
 from .guard import GuardedResult
 from .ledger import Ledger
-from .recorder import HandOff, Recorder, RecorderCounts, _Item
+from .recorder import HandOff, Recorder, _Item
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,11 @@ class RecorderProcess(HandOff):
                  on_drop: Callable[[int, str], None] | None = None,
                  on_logged: Callable[[int, int], None] | None = None,
                  ledger: Ledger | None = None, challenger: Any = None) -> None:
-        pl = config.prediction_log
-        self.config = config
+        super().__init__(config, on_drop, on_logged, ledger)
         self.worker_id = worker_id
-        self.on_drop = on_drop
-        self.on_logged = on_logged
-        self.ledger = ledger
-        self.log_enabled = pl.enabled
-        self.sample_rate = pl.sample_rate
-        self.durable = pl.enabled and pl.durable
-        self.queue_rows = max(pl.queue_size, config.max_rows)
         self.drift_enabled = config.drift.enabled
-        self.counts = RecorderCounts()
         #: The challenger scored in shadow (the child loads its own; this one is for the drift view).
         self.challenger = challenger
-        self._fingerprints: dict[str, int] = {}
         self._pid = -1
         self._running = threading.Event()  # a child has said it is ready (cleared when it is gone)
         self._tried = threading.Event()  # a first start has been tried, whatever came of it
@@ -145,17 +135,12 @@ class RecorderProcess(HandOff):
                 cond.notify_all()
         if not accepted:
             self._count_drop(n, "monitoring")
-            if done is not None:
-                done.set_exception(StoreError("the prediction log's queue is full; the request was "
-                                              "not logged, so it is not acknowledged"))
+            self._refused(done)
         return done
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything submitted before this call is processed; False on timeout."""
         return bool(self._call("flush", timeout, default=False, args=(timeout,)))
-
-    def take_drift(self) -> DriftState | None:
-        return self.take_monitoring()[0]
 
     def take_monitoring(self) -> tuple[DriftState | None, WindowTally | None]:
         """The child's drift counts and estimation tally since the last take (None, None when

@@ -703,10 +703,12 @@ class GuardedService:
         # worker. Without this, each full garbage collection walks all of it, a pause of tens
         # of milliseconds that lands on whichever requests are in flight: the p99.
         gc.freeze()
-        # The recorder's thread holds the GIL for most of its work (shadows, drift counts, log
-        # encoding); at the default 5 ms a request thread waiting for the GIL waits up to that
-        # long each time. 0.5 ms gave 77-78 instead of 64-71 requests/s at 1,000 rows a request
-        # (bench_service.py, alternating runs); one-row requests barely contend and do not change.
+        # Measured with the recorder in a thread of the worker (prediction_log.recorder_process:
+        # false), which holds the GIL for most of its work: at the default 5 ms a request thread
+        # waiting for the GIL waits up to that long each time; 0.5 ms gave 77-78 instead of 64-71
+        # requests/s at 1,000 rows a request (bench_service.py, alternating runs). With the
+        # recorder in its own process the event loop, request threads and the hand-off's sender
+        # still share the GIL; the setting stays (not measured again there).
         sys.setswitchinterval(GIL_SWITCH_S)
 
     @bentoml.on_shutdown
