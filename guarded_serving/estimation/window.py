@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .artefact import Estimation, estimation_dir
-from .errormodel import ErrorModel
+from .errormodel import ErrorModel, error_input
 from .tally import ClassificationTally, RegressionTally
 
 if TYPE_CHECKING:
@@ -199,8 +199,9 @@ class WindowEstimator:
                     matrix = self.estimation.encoder.matrix(features)
                 rows = {loss: np.full(n, np.nan) for loss in ("abs", "sq")}
                 if ok.any():
+                    x = error_input(matrix if ok.all() else matrix[ok], labels[ok])
                     for loss, model in self.error_models[role].items():
-                        rows[loss][ok] = model.predict(matrix[ok], labels[ok])
+                        rows[loss][ok] = model.predict_input(x)
                 out[role] = rows
             elif art.calibration is not None and pred.probabilities is not None:
                 out[role] = _class_rows(art.calibration, pred)
