@@ -397,7 +397,6 @@ class Recorder(HandOff):
     def _batch(self, items: list[_Item], rows: np.ndarray, cols: dict[str, np.ndarray], routes: np.ndarray,
                primary: np.ndarray, fallback: np.ndarray) -> LogBatch:
         sizes = [it.result.n_rows for it in items]
-        n = int(sum(sizes))
         served = _concat([it.result.predictions for it in items])
         reasons = [";".join(r) if r else "" for it in items for r in it.result.reasons]
         columns: dict[str, np.ndarray] = {
@@ -409,9 +408,10 @@ class Recorder(HandOff):
             "fallback_prediction": fallback[rows],
             "latency_ms": np.repeat([it.result.timing_ms.get("total", np.nan) for it in items], sizes),
         }
-        for k, v in self._model_columns.items():
-            columns[k] = np.full(n, v, dtype=object)
-        if any(it.result.primary_version is not None for it in items):  # the set that served it
+        constants = dict(self._model_columns)  # stored once in the batch's schema, not per row
+        served_by = {it.result.primary_version for it in items} - {None}
+        if served_by and served_by != {constants["primary_version"]}:  # the set that served it
+            del constants["primary_version"]
             columns["primary_version"] = np.repeat(np.array(
                 [it.result.primary_version or self._model_columns["primary_version"] for it in items],
                 dtype=object), sizes)
@@ -430,7 +430,7 @@ class Recorder(HandOff):
         row = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
         feats = {k: v[rows] for k, v in cols.items()} if self.log_features else {}
         fps = {it.request_id: it.fingerprint for it in items if it.fingerprint is not None}
-        return LogBatch(rid, row, columns, feats, fps)
+        return LogBatch(rid, row, columns, feats, fps, constants)
 
     def _write(self, batch: LogBatch) -> tuple[int, Exception | None]:
         pause = RETRY_PAUSE_S

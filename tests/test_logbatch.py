@@ -99,6 +99,20 @@ def test_ids_labels_and_constants_of_every_kind() -> None:
     assert only_hex["request_id"].tolist() == [server, server]
 
 
+def test_constants_given_once_come_back_on_every_row() -> None:
+    batch = _served(4)
+    for c in ("model", "primary_model", "fallback_model"):
+        del batch.columns[c]
+    batch.constants.update({"model": "diamonds-price", "primary_model": "gbr", "fallback_model": "ridge",
+                            "primary_version": "ignored: the column is given"})
+    cols = _roundtrip(batch)
+    assert cols["model"].tolist() == ["diamonds-price"] * 4 and cols["fallback_model"].tolist() == ["ridge"] * 4
+    assert cols["primary_version"].tolist() == ["1"] * 4, "a column given per row wins"
+    assert len(encode(batch).body) <= len(encode(_served(4)).body) + 8
+    picked = _roundtrip(batch.take(np.array([1, 3])))
+    assert picked["primary_model"].tolist() == ["gbr", "gbr"]
+
+
 def test_a_body_needs_its_schema() -> None:
     e = encode(_served(3))
     with pytest.raises(KeyError, match="schema"):

@@ -119,6 +119,35 @@ def test_log_predictions_ignores_duplicates(store: Store) -> None:
     store.log_predictions([])
 
 
+def test_server_made_ids_are_stored_without_a_lookup_and_a_repeated_write_still_once(store: Store) -> None:
+    """Ids the server made are new, but for a write retried after its commit went through: the
+    first try inserts without looking its ids up; a repeat meets the index's primary key, and
+    the batch is written again with the lookup, keeping only what is new."""
+    from guarded_serving.runtime import new_request_id
+
+    a, b = new_request_id(), new_request_id()
+    lookups: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "log_keys" in statement:
+            lookups.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        assert store.log_predictions(_rows(a, 3)) == 3
+        assert lookups == [], "fresh server-made ids: no lookup"
+        assert store.log_predictions(_rows(a, 3, ts=999.0) + _rows(b, 2)) == 2
+        assert lookups, "the repeat fell back to the lookup"
+        lookups.clear()
+        assert store.log_predictions(_rows("client-named", 1)) == 1
+        assert lookups, "other ids are always looked up"
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+    assert [store.request_row_count(r) for r in (a, b)] == [3, 2]
+    df = store.joined()
+    assert df.loc[df.request_id == a, "ts"].tolist() == [100.0, 101.0, 102.0]
+
+
 def test_a_request_repeated_within_a_batch_keeps_its_first_rows(store: Store) -> None:
     # Not one run a request: the slow path, row by row, drops what repeats or is already logged.
     store.log_predictions(_rows("r0", 1))

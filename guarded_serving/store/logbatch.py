@@ -87,6 +87,9 @@ class LogBatch:
     #: Request id -> fingerprint of its rows, for client-named requests (``idempotency``): kept
     #: in the store's index, not in the body.
     fingerprints: dict[str, int] = field(default_factory=dict)
+    #: Text columns with one value for every row (the model names and versions), given once
+    #: rather than as per-row arrays; stored like ``CONSTANT_COLUMNS`` that turn out constant.
+    constants: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -95,7 +98,7 @@ class LogBatch:
         """The rows at ``idx`` (indices or a boolean mask)."""
         return LogBatch(self.request_id[idx], self.row[idx],
                         {k: v[idx] for k, v in self.columns.items()},
-                        {k: v[idx] for k, v in self.features.items()}, self.fingerprints)
+                        {k: v[idx] for k, v in self.features.items()}, self.fingerprints, self.constants)
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, Any]]) -> LogBatch:
@@ -149,7 +152,7 @@ def encode(batch: LogBatch) -> EncodedBatch:
     arrays = [rid, pa.array(batch.row, type=pa.int32())]
     fields = [pa.field("request_id", rid.type), pa.field("row", pa.int32())]
     columns = dict(batch.columns)
-    constants = {}
+    constants = {k: v for k, v in batch.constants.items() if n and k not in columns}
     for c in CONSTANT_COLUMNS:  # model names and versions: in the schema (kept once), not per row
         v = columns.get(c)
         if v is not None and n and v.dtype.kind in "OU" and isinstance(v[0], str) and bool((v == v[0]).all()):
