@@ -51,7 +51,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import request_deadline
+from . import request_deadline, traffic_timeout
 from .bento import bundled_config
 from .breaker import CircuitBreaker
 from .codec import dumps_bytes
@@ -721,6 +721,8 @@ class GuardedService:
 GuardedService.add_asgi_middleware(EdgeMiddleware)  # type: ignore[attr-defined]  # a bentoml.Service now
 # BentoML configures its workers' uvicorn itself; this bounds how long a request head may take.
 request_deadline.install(CONFIG.limits.header_timeout_seconds)
+# BentoML's traffic.timeout keeps each request alive until its timer fires; this cancels it.
+traffic_timeout.install()
 
 #: The worker's GIL switch interval (Python's default is 5 ms); see GuardedService.__init__.
 GIL_SWITCH_S = 0.0005
