@@ -67,6 +67,9 @@ START_TIMEOUT_S = 120.0
 RESTART_PAUSE_S = (1.0, 30.0)
 #: The most messages the serving side sends in one frame.
 FRAME_MESSAGES = 64
+#: The child's garbage collector thresholds: those of the serving process (service.GC_THRESHOLDS,
+#: not imported here: that module builds the BentoML service when imported).
+GC_THRESHOLDS = (10_000, 10, 10)
 #: How often the child looks for its parent when nothing arrives.
 PARENT_POLL_S = 1.0
 
@@ -534,6 +537,7 @@ def main(argv: list[str]) -> int:
     # The models, pandas and numpy live as long as the process: full collections need not walk them.
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)  # as the serving process does (service.py)
     child.run()
     if child.ledger is not None:
         child.ledger.close()
