@@ -28,7 +28,6 @@ socket and its parent's pid.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import pickle
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from . import interpreter
 from .checks import Verdicts
 from .config import ServingConfig
 from .drift.state import DriftState
@@ -67,9 +67,6 @@ START_TIMEOUT_S = 120.0
 RESTART_PAUSE_S = (1.0, 30.0)
 #: The most messages the serving side sends in one frame.
 FRAME_MESSAGES = 64
-#: The child's garbage collector thresholds: those of the serving process (service.GC_THRESHOLDS,
-#: not imported here: that module builds the BentoML service when imported).
-GC_THRESHOLDS = (10_000, 10, 10)
 #: How often the child looks for its parent when nothing arrives.
 PARENT_POLL_S = 1.0
 
@@ -535,9 +532,7 @@ def main(argv: list[str]) -> int:
         return 0
     child = _Child(conn, config, worker_id, ledger_path)
     # The models, pandas and numpy live as long as the process: full collections need not walk them.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)  # as the serving process does (service.py)
+    interpreter.tune(switch_interval=False)
     child.run()
     if child.ledger is not None:
         child.ledger.close()

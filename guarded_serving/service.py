@@ -29,7 +29,6 @@ with the status from ``STATUS_BY_CODE``; 5xx bodies say only what failed, the de
 from __future__ import annotations
 
 import functools
-import gc
 import hmac
 import json
 import logging
@@ -51,7 +50,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import request_deadline, traffic_timeout
+from . import interpreter, request_deadline, traffic_timeout
 from .bento import bundled_config
 from .breaker import CircuitBreaker
 from .codec import dumps_bytes
@@ -699,18 +698,7 @@ class GuardedService:
         _runtime.on_switch = _switch_metrics(CONFIG.name)
         log.info("serving %s (primary %s, fallback %s)", CONFIG.name, _runtime.guard.primary.name,
                  _runtime.guard.fallback.name)
-        # Everything alive now (BentoML, pandas, the models: ~150k objects) lives as long as the
-        # worker. Without this, each full garbage collection walks all of it, a pause of tens
-        # of milliseconds that lands on whichever requests are in flight: the p99.
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-        # Measured with the recorder in a thread of the worker (prediction_log.recorder_process:
-        # false), which holds the GIL for most of its work: at the default 5 ms a request thread
-        # waiting for the GIL waits up to that long each time; 0.5 ms gave 77-78 instead of 64-71
-        # requests/s at 1,000 rows a request (bench_service.py, alternating runs). With the
-        # recorder in its own process the event loop, request threads and the hand-off's sender
-        # still share the GIL; the setting stays (not measured again there).
-        sys.setswitchinterval(GIL_SWITCH_S)
+        interpreter.tune()  # freeze the startup heap; GC thresholds, GIL switch interval
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -725,16 +713,6 @@ request_deadline.install(CONFIG.limits.header_timeout_seconds)
 # BentoML's traffic.timeout keeps each request alive until its timer fires; this cancels it.
 traffic_timeout.install()
 
-#: The worker's garbage collector thresholds (Python's default is 700, 10, 10). A 1,000-row body
-#: parses into about 12,000 objects, so at 700 a young collection ran several times per request
-#: and promoted the objects of the requests in flight, which then waited for full collections.
-#: At 10,000 (bench_service.py's load, one worker, 15 s, BentoML's timer retention fixed, see
-#: traffic_timeout.py): 63 young, 5 middle and 0 full collections instead of 6,132, 557 and 50
-#: (0.15 s of collection instead of 0.84 s), 5.9 instead of 6.9 ms of worker CPU a request, 177
-#: instead of 152 requests/s. Garbage cycles wait for at most 10,000 new objects.
-GC_THRESHOLDS = (10_000, 10, 10)
-#: The worker's GIL switch interval (Python's default is 5 ms); see GuardedService.__init__.
-GIL_SWITCH_S = 0.0005
 #: How often a worker checks that its supervisor (``bentoml serve``) is still alive.
 SUPERVISOR_POLL_S = 0.5
 #: How long a worker orphaned by its supervisor may take to shut down cleanly before it exits.

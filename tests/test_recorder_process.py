@@ -185,3 +185,21 @@ def test_a_recording_process_that_cannot_start_leaves_recording_to_a_thread(
     assert rt.recorder.flush(30)
     assert len(_store(tmp_path).joined()) == 8
     rt.close()
+
+
+def test_interpreter_tune_freezes_the_heap_and_sets_the_collector() -> None:
+    import gc
+    import sys
+
+    from guarded_serving import interpreter
+
+    before = gc.get_threshold(), sys.getswitchinterval()
+    try:
+        interpreter.tune()
+        assert gc.get_threshold() == interpreter.GC_THRESHOLDS
+        assert sys.getswitchinterval() == pytest.approx(interpreter.GIL_SWITCH_S)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before[0])
+        sys.setswitchinterval(before[1])
