@@ -9,7 +9,11 @@ request bodies: ``{"rows": [...]}`` with 1, 100 and 1,000 rows of the example's 
 guarded service runs with everything on: checks, shadow fallback and primary, drift counting, live
 performance estimates on every row, the prediction log into SQLite (sample_rate 1.0) and
 Prometheus metrics; the recording runs in its own process beside the worker (the default,
-``prediction_log.recorder_process``). Cases alternate (guarded, plain, guarded, ...) so machine
+``prediction_log.recorder_process``). A third server (``--no-tuned-plain`` leaves it out) is the
+same plain service with the process settings the guarded worker gives itself (BentoML's request
+timers cancelled, traffic_timeout.py; the heap frozen, the collector's thresholds and the GIL
+switch interval, interpreter.py): it separates what guarding and monitoring cost from what those
+settings give. Cases alternate (guarded, plain, plain-tuned, guarded, ...) so machine
 noise hits both alike; the table reports medians over rounds and the ratios guarded / plain, and
 also the median of the per-round ratios (each round's guarded run against the plain run right
 after it, which cancels slow drifts in the machine's load) and each worker's CPU time per request
@@ -21,6 +25,7 @@ bench/results/service.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -158,6 +163,9 @@ def main() -> None:
     ap.add_argument("--overrides", default="{}",
                     help='serving-config overrides as JSON, to measure what a feature costs, e.g. '
                          '\'{"prediction_log": {"enabled": false}}\'')
+    ap.add_argument("--tuned-plain", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run plain BentoML with the guarded worker's process settings "
+                         "(bench/plain_service.py, PLAIN_TUNED=1)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     wrk = ensure_wrk()
@@ -169,30 +177,39 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": "1"}
     guarded = Server(write_config(tmp, **json.loads(args.overrides)), workers=1, env=env)
     plain = Server(tmp / "serving.yaml", workers=1, env=env, target="bench.plain_service:PlainService")
+    servers = {"guarded": guarded, "plain": plain}
+    if args.tuned_plain:
+        servers["plain-tuned"] = Server(tmp / "serving.yaml", workers=1, env={**env, "PLAIN_TUNED": "1"},
+                                        target="bench.plain_service:PlainService")
+    peers = [k for k in servers if k != "guarded"]
     results: dict[str, Any] = {}
-    with guarded, plain:
-        workers = {"guarded": worker_process(guarded), "plain": worker_process(plain)}
+    with contextlib.ExitStack() as stack:
+        for srv in servers.values():
+            stack.enter_context(srv)
+        workers = {k: worker_process(srv) for k, srv in servers.items()}
         for n, script in scripts.items():
-            for srv in (guarded, plain):  # warm up
+            for srv in servers.values():  # warm up
                 run_wrk(wrk, srv.url, script, 2, args.connections)
             before = monitoring_counts(guarded.url)
-            runs: dict[str, list[dict[str, float]]] = {"guarded": [], "plain": []}
-            for _ in range(args.rounds):
-                runs["guarded"].append(run_wrk(wrk, guarded.url, script, args.seconds, args.connections, workers["guarded"]))
-                runs["plain"].append(run_wrk(wrk, plain.url, script, args.seconds, args.connections, workers["plain"]))
+            runs: dict[str, list[dict[str, float]]] = {k: [] for k in servers}
+            for _ in range(args.rounds):  # alternating: guarded, plain, plain-tuned, guarded, ...
+                for k, srv in servers.items():
+                    runs[k].append(run_wrk(wrk, srv.url, script, args.seconds, args.connections, workers[k]))
             metrics = ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "recorder_cpu_us_per_request")
             med = {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()}
-            med["ratio"] = {
-                "throughput": med["guarded"]["rps"] / med["plain"]["rps"],
-                "p50": med["guarded"]["p50_ms"] / med["plain"]["p50_ms"],
-                "p99": med["guarded"]["p99_ms"] / med["plain"]["p99_ms"],
-                "cpu_per_request": med["guarded"]["cpu_us_per_request"] / med["plain"]["cpu_us_per_request"],
-            }
-            pairs = list(zip(runs["guarded"], runs["plain"], strict=True))
-            med["paired_ratio_median"] = {
-                "throughput": statistics.median(g["rps"] / p["rps"] for g, p in pairs),
-                "p50": statistics.median(g["p50_ms"] / p["p50_ms"] for g, p in pairs),
-            }
+            for peer in peers:
+                suffix = "" if peer == "plain" else "_" + peer.replace("-", "_")
+                med["ratio" + suffix] = {
+                    "throughput": med["guarded"]["rps"] / med[peer]["rps"],
+                    "p50": med["guarded"]["p50_ms"] / med[peer]["p50_ms"],
+                    "p99": med["guarded"]["p99_ms"] / med[peer]["p99_ms"],
+                    "cpu_per_request": med["guarded"]["cpu_us_per_request"] / med[peer]["cpu_us_per_request"],
+                }
+                pairs = list(zip(runs["guarded"], runs[peer], strict=True))
+                med["paired_ratio_median" + suffix] = {
+                    "throughput": statistics.median(g["rps"] / p["rps"] for g, p in pairs),
+                    "p50": statistics.median(g["p50_ms"] / p["p50_ms"] for g, p in pairs),
+                }
             after = monitoring_counts(guarded.url)
             # Honesty check: under overload the monitoring drops rows (counted) rather than slow
             # requests down; say how many it dropped in this case.
@@ -200,20 +217,22 @@ def main() -> None:
             results[f"{n}_rows"] = {**med, "rounds": runs}
     print(f"\nwrk, 1 thread, {args.connections} connections, {args.seconds:.0f} s x {args.rounds} rounds, "
           "one BentoML worker each (medians over rounds)")
-    print(f"{'rows/request':>12} {'service':>8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}"
+    print(f"{'rows/request':>12} {'service':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11}"
           f" {'recorder us/req':>15}")
     for key, r in results.items():
         if not isinstance(r, dict):
             continue
-        for name in ("guarded", "plain"):
+        for name in ("guarded", *peers):
             g = r[name]
-            print(f"{key.split('_')[0]:>12} {name:>8} {g['rps']:>9.0f} {g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}"
+            print(f"{key.split('_')[0]:>12} {name:>11} {g['rps']:>9.0f} {g['p50_ms']:>8.2f} {g['p99_ms']:>8.2f}"
                   f" {g['cpu_us_per_request']:>11.0f} {g['recorder_cpu_us_per_request']:>15.0f}")
-        ratio, paired = r["ratio"], r["paired_ratio_median"]
-        print(f"{'':>12} {'ratio':>8} {ratio['throughput']:>9.2f} {ratio['p50']:>8.2f} {ratio['p99']:>8.2f}"
-              f" {ratio['cpu_per_request']:>11.2f}")
-        print(f"{'':>12} {'paired':>8} {paired['throughput']:>9.2f} {paired['p50']:>8.2f}"
-              f"   (log dropped {r['monitoring']['dropped']:.0f} of {r['monitoring']['served']:.0f} rows, "
+        for peer in peers:
+            suffix = "" if peer == "plain" else "_" + peer.replace("-", "_")
+            ratio, paired = r["ratio" + suffix], r["paired_ratio_median" + suffix]
+            print(f"{'':>12} {'/ ' + peer:>11} {ratio['throughput']:>9.2f} {ratio['p50']:>8.2f} {ratio['p99']:>8.2f}"
+                  f" {ratio['cpu_per_request']:>11.2f}   paired: throughput {paired['throughput']:.2f},"
+                  f" p50 {paired['p50']:.2f}")
+        print(f"{'':>12} (log dropped {r['monitoring']['dropped']:.0f} of {r['monitoring']['served']:.0f} rows, "
               f"{r['monitoring']['dropped_before_drift']:.0f} of them before drift counting)")
     results["log_size"] = log_size(guarded.config)
     size = results["log_size"]

@@ -2,10 +2,17 @@
 BentoML user would write it without guarded-serving (no checks, no fallback, no monitoring).
 
     bentoml serve bench.plain_service:PlainService --port 3001
+    PLAIN_TUNED=1 bentoml serve bench.plain_service:PlainService --port 3002
+
+With ``PLAIN_TUNED=1`` its worker gets the process settings the guarded worker gives itself:
+BentoML's per-request timer cancelled (guarded_serving/traffic_timeout.py), the startup heap
+frozen and the garbage collector's thresholds and the GIL switch interval of service.py. It
+answers how much of the gap to plain BentoML is guarding and monitoring, and how much is those.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,11 @@ import bentoml
 import numpy as np
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "diamonds" / "primary.onnx"
+TUNED = bool(os.environ.get("PLAIN_TUNED"))
+if TUNED:
+    from guarded_serving import traffic_timeout
+
+    traffic_timeout.install()
 
 
 @bentoml.service(workers=1, traffic={"timeout": 60})
@@ -24,6 +36,10 @@ class PlainService:
         opts.intra_op_num_threads = 1
         self.session = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
         self.inputs = [(i.name, i.type) for i in self.session.get_inputs()]
+        if TUNED:
+            from guarded_serving import interpreter
+
+            interpreter.tune()
 
     @bentoml.api
     def predict(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
