@@ -92,3 +92,10 @@ def test_a_request_over_the_timeout_still_gets_bentomls_504() -> None:
     r = asyncio.run(run())
     assert r.status_code == 504
     assert r.json() == {"error": "Not able to process the request in 0.2 seconds"}
+
+
+def test_the_service_installs_it_in_every_worker() -> None:
+    from guarded_serving import service  # noqa: F401 - importing the service module installs it
+
+    assert traffic_timeout.installed()
+    assert TimeoutMiddleware.__call__ is traffic_timeout._call
