@@ -6,7 +6,7 @@ BentoML user would write it without guarded-serving (no checks, no fallback, no 
 
 With ``PLAIN_TUNED=1`` its worker gets the process settings the guarded worker gives itself:
 BentoML's per-request timer cancelled (guarded_serving/traffic_timeout.py), the startup heap
-frozen and the garbage collector's thresholds and the GIL switch interval of service.py. It
+frozen, and the garbage collector's thresholds and GIL switch interval of interpreter.py. It
 answers how much of the gap to plain BentoML is guarding and monitoring, and how much is those.
 """
 

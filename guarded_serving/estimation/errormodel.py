@@ -175,8 +175,7 @@ def fit_error_model(matrix: np.ndarray, prediction: np.ndarray, loss: np.ndarray
     """A gradient boosting regressor of ``loss`` on the matrix and the prediction (scikit-learn)."""
     from sklearn.ensemble import GradientBoostingRegressor
 
-    x = np.column_stack([matrix, np.asarray(prediction, dtype=float)]).astype(np.float32)
-    return GradientBoostingRegressor(**GBR_PARAMS).fit(x, loss)
+    return GradientBoostingRegressor(**GBR_PARAMS).fit(error_input(matrix, prediction), loss)
 
 
 def export_error_model(model: Any, n_inputs: int, path: str | Path) -> None:
