@@ -202,8 +202,14 @@ class PredictionLogConfig(_Section):
     shadow_primary: bool = True
     log_features: bool = True
     retention_days: Annotated[float, Ge(0)] = 30.0
-    queue_size: PositiveInt = 10000
-    batch_size: PositiveInt = 500
+    #: Rows queued for the recorder (plus rows in flight in its process); beyond it batches are
+    #: dropped and counted. Ten lots of ``batch_size``: a slow store fills it, a busy one does not.
+    queue_size: PositiveInt = 50000
+    #: The recorder processes (and writes) what waits once this many rows wait, else every
+    #: ``flush_seconds``. Each lot costs a fixed part (a transaction, a log body, a call per
+    #: model and per column): per 1,000 served rows, lots of 1,000 rows cost 6.0 ms of CPU,
+    #: lots of 4,000 4.1 and lots of 10,000 3.8 (README, Benchmarks).
+    batch_size: PositiveInt = 5000
     #: The recorder writes what waits at least this often (s): the most a crash can lose by default.
     flush_seconds: PositiveFloat = 1.0
     #: Share of requests whose rows are logged (drift counting always sees every row).

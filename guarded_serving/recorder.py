@@ -150,7 +150,11 @@ class Recorder(HandOff):
         self.shadow_primary = pl.enabled and pl.shadow_primary
         self.log_features = pl.log_features
         self.flush_seconds = pl.flush_seconds
-        self.batch_rows = max(1, pl.batch_size)
+        # The default lot never waits for more than half of what the queue holds: with a small
+        # queue_size, waiting for a big lot would drop rows a write could have made room for.
+        # A batch_size set in the config is taken as it is.
+        self.batch_rows = max(1, pl.batch_size if "batch_size" in pl.model_fields_set
+                              else min(pl.batch_size, self.queue_rows // 2))
         self._drift: DriftState | None = DriftState.empty(guard.profile) if config.drift.enabled else None
         self._drift_lock = threading.Lock()
         #: Live estimates: each batch's tally, taken with the drift counts it belongs to.

@@ -75,7 +75,7 @@ def test_every_problem_is_reported_at_once(tmp_path) -> None:
 def test_all_defaults_are_kept(tmp_path) -> None:
     c = load_config(_write(tmp_path, store=None, drift=None, prediction_log=None, auth=None, tracing=None))
     assert (c.drift.window_rows, c.drift.min_rows, c.drift.consecutive_windows_for_retrain) == (1000, 200, 3)
-    assert (c.prediction_log.queue_size, c.prediction_log.batch_size, c.prediction_log.retention_days) == (10000, 500, 30.0)
+    assert (c.prediction_log.queue_size, c.prediction_log.batch_size, c.prediction_log.retention_days) == (50000, 5000, 30.0)
     assert c.store.flush_seconds == 5.0 and c.store.table_prefix == "gs_"
     assert c.auth.token_env == "GUARDED_SERVING_TOKEN" and not c.auth.protect_predict
     assert c.tracing.protocol == "http/protobuf" and c.tracing.sample_rate == 1.0

@@ -93,3 +93,11 @@ def test_a_lot_that_fails_to_record_counts_its_rows_as_dropped(tmp_path: Path, g
     assert rec.counts.dropped["log"] == 4 and (4, "log") in rec.dropped_calls  # type: ignore[attr-defined]
     assert rec.counts.logged == 2 and len(store.joined()) == 2
     rec.close()
+
+
+def test_the_default_lot_fits_a_small_queue_and_a_set_batch_size_is_kept(tmp_path: Path, guard: GuardedModel) -> None:
+    """Lots of 5,000 rows by default (the per-lot cost is spread over more rows), but never more
+    than half a smaller queue: waiting for a lot the queue cannot hold would drop rows."""
+    assert _recorder(tmp_path, guard, None).batch_rows == 5000
+    assert _recorder(tmp_path, guard, None, queue_size=2000).batch_rows == 1000
+    assert _recorder(tmp_path, guard, None, queue_size=2000, batch_size=1500).batch_rows == 1500
