@@ -604,8 +604,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     data = read_table(args.data)
     total = None
     for chunk in _chunks(data, "estimating"):
-        part = estimate_rows(estimator, chunk, gm.profile, gm.policy, models)
-        total = part if total is None else total.merge(part)
+        estimated = estimate_rows(estimator, chunk, gm.profile, gm.policy, models)
+        total = estimated if total is None else total.merge(estimated)
     assert total is not None
     report = {**total.tally.metrics(), "rejected": total.rejected, "baseline": gm.profile.baseline}
     if args.json:

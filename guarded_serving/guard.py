@@ -419,8 +419,9 @@ class GuardedModel:
             if p is not None and p.classes is not None:
                 return list(p.classes)
         for m in (self.primary, self.fallback):
-            if getattr(m, "classes", None):
-                return list(m.classes)  # type: ignore[attr-defined]
+            classes = getattr(m, "classes", None)
+            if classes:
+                return list(classes)
         return sorted(self.profile.target_profile.categories) if self.profile.target_profile else []
 
     def close(self) -> None:
