@@ -402,11 +402,16 @@ class Recorder(HandOff):
                primary: np.ndarray, fallback: np.ndarray) -> LogBatch:
         sizes = [it.result.n_rows for it in items]
         served = _concat([it.result.predictions for it in items])
-        reasons = [";".join(r) if r else "" for it in items for r in it.result.reasons]
+        reasons = np.full(sum(sizes), "", dtype=object)  # most batches have no reasons at all
+        at = 0
+        for it, size in zip(items, sizes, strict=True):
+            if any(it.result.reasons):
+                reasons[at:at + size] = [";".join(r) if r else "" for r in it.result.reasons]
+            at += size
         columns: dict[str, np.ndarray] = {
             "ts": np.repeat([it.ts for it in items], sizes).astype(np.float64),
             "route": routes[rows],
-            "reasons": np.array(reasons, dtype=object),
+            "reasons": reasons,
             "prediction": served,
             "primary_prediction": primary[rows],
             "fallback_prediction": fallback[rows],

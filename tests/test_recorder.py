@@ -14,7 +14,7 @@ from guarded_serving.guard import GuardedModel
 from guarded_serving.recorder import Recorder, fill_shadows
 from guarded_serving.store.sql import Store
 
-from ._data import features, serve
+from ._data import features, holdout, serve
 from .server import write_config
 
 
@@ -35,7 +35,8 @@ def test_one_hand_off_feeds_shadows_drift_and_one_log_batch(tmp_path: Path, guar
     store = Store(f"sqlite:///{tmp_path / 's.sqlite3'}")
     rec = _recorder(tmp_path, guard, lambda: store)
     X = features(serve()).head(40)
-    results = [guard.predict(X.iloc[i:i + 10].reset_index(drop=True)) for i in range(0, 40, 10)]
+    results = [guard.predict(X.iloc[i:i + 10].reset_index(drop=True)) for i in range(0, 30, 10)]
+    results.append(guard.predict(features(holdout()).head(10)))  # in range: no reasons at all
     for i, r in enumerate(results):
         rec.submit(f"r{i}", r)
     assert rec.flush(10)
@@ -44,6 +45,9 @@ def test_one_hand_off_feeds_shadows_drift_and_one_log_batch(tmp_path: Path, guar
     served = np.concatenate([r.predictions for r in results])
     np.testing.assert_allclose(df.sort_values(["request_id", "row"])["prediction"].to_numpy(dtype=float), served)
     assert df["fallback_prediction"].notna().all() and df["primary_prediction"].notna().all()
+    reasons = [";".join(r) for res in results for r in res.reasons]
+    assert any(reasons) and not all(reasons), "the serve rows: some flagged, some not"
+    assert df.sort_values(["request_id", "row"])["reasons"].tolist() == reasons
     drift = rec.take_drift()
     assert drift is not None and drift.rows == 40
     # The same shadows outside a server.
