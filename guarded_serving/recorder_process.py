@@ -72,13 +72,17 @@ PARENT_POLL_S = 1.0
 
 
 def slim(result: GuardedResult) -> GuardedResult:
-    """The parts of a served result that recording reads (not the flags, problems or frames)."""
+    """The parts of a served result that recording reads (not the flags, problems or frames).
+    Reasons are sent as ``[]`` when no row has any (most batches): the recorder reads them only
+    to log them, and a list of 1,000 empty lists costs more to pickle and unpickle than all the
+    routes."""
     v = result.verdicts
     assert v is not None
     verdicts = Verdicts(status=v.status, flags=np.zeros((0, 0), dtype=bool), flag_names=[], columns=v.columns)
     total = result.timing_ms.get("total")
     return replace(result, verdicts=verdicts, reason_counts={}, extra_columns=[],
-                   timing_ms={} if total is None else {"total": total})
+                   timing_ms={} if total is None else {"total": total},
+                   reasons=result.reasons if any(result.reasons) else [])
 
 
 class RecorderProcess(HandOff):

@@ -19,7 +19,7 @@ from guarded_serving.ledger import Ledger
 from guarded_serving.recorder_process import RecorderProcess, slim
 from guarded_serving.store.sql import Store
 
-from ._data import features, serve
+from ._data import features, holdout, serve
 from .server import write_config
 
 
@@ -53,6 +53,8 @@ def test_a_hand_off_is_logged_and_counted_by_the_child(tmp_path: Path, guard: Gu
     df = _store(tmp_path).joined()
     assert len(df) == 60 and sorted(df["request_id"].unique()) == ["r0", "r1", "r2", "r3"]
     assert df["fallback_prediction"].notna().all() and df["primary_prediction"].notna().all()
+    logged = df.sort_values(["request_id", "row"])["reasons"].tolist()
+    assert logged == [";".join(x) for r in results for x in r.reasons] and any(logged)
     assert rec.counts.submitted == 60 and rec.counts.logged == 60
     assert sum(a for a, _ in rec.calls["logged"]) == 60  # type: ignore[attr-defined]
     state, _ = rec.take_monitoring()
@@ -145,6 +147,9 @@ def test_the_hand_off_carries_only_what_recording_reads(guard: GuardedModel) -> 
     assert s.verdicts is not None and r.verdicts is not None
     assert s.verdicts.columns is r.verdicts.columns and s.verdicts.flags.size == 0
     assert set(s.timing_ms) == {"total"} and s.routes is r.routes and s.reasons is r.reasons
+    assert any(r.reasons), "the serve rows: some flagged"
+    quiet = guard.predict(features(holdout()).head(20))
+    assert not any(quiet.reasons) and slim(quiet).reasons == [], "no reasons: none sent"
 
 
 def test_drift_counts_answered_too_late_are_kept_for_the_next_take(tmp_path: Path, guard: GuardedModel) -> None:
