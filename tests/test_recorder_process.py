@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from guarded_serving.config import load_config
@@ -208,3 +212,27 @@ def test_interpreter_tune_freezes_the_heap_and_sets_the_collector() -> None:
         gc.unfreeze()
         gc.set_threshold(*before[0])
         sys.setswitchinterval(before[1])
+
+
+def test_frames_carry_arrays_out_of_band_whole_and_aligned() -> None:
+    """The serving process's frames: arrays written from their own memory beside the pickle
+    (more buffers than one writev takes, more bytes than the socket holds), read back whole,
+    aligned and writable."""
+    from guarded_serving.recorder_process import _IOV_MAX, _read_frame, _write_frame
+
+    a, b = socket.socketpair()
+    rng = np.random.default_rng(0)
+    big = rng.random(3_000_000)  # 24 MB: many partial writes
+    many = [np.arange(i % 7 + 1, dtype=np.int8) for i in range(_IOV_MAX + 100)]
+    obj = [("item", big, np.asfortranarray(rng.random((5, 3))), np.array(["x", None], dtype=object)), many]
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(_read_frame(b)))
+    reader.start()
+    _write_frame(a.fileno(), obj)
+    reader.join(30)
+    a.close()
+    b.close()
+    (kind, big2, fortran, text), many2 = got[0]
+    assert kind == "item" and np.array_equal(big2, big) and big2.flags.aligned and big2.flags.writeable
+    assert np.array_equal(fortran, obj[0][2]) and text.tolist() == ["x", None]
+    assert all(np.array_equal(x, y) for x, y in zip(many, many2, strict=True))
