@@ -129,12 +129,14 @@ def test_a_batch_of_fifty_one_row_requests_stays_small() -> None:
 
 def test_text_columns_come_back_whatever_their_values() -> None:
     """Text is coded through pandas' hash table when every distinct value is a string; anything
-    else (numbers or booleans beside text, all missing) takes Arrow's path. Both decode alike."""
+    else (numbers or booleans beside text, all missing, lists or objects) takes Arrow's path or
+    the JSON one. All decode alike."""
     n = 6
     feats = {
         "cut": np.array(["Ideal", None, "Fair", "Ideal", np.nan, "Fair"], dtype=object),
         "mixed": np.array(["a", 1, True, None, "b", 1.5], dtype=object),
         "empty": np.array([None] * n, dtype=object),
+        "nested": np.array(["a", ["a"], None, "b", {"x": 1}, "a"] + [None], dtype=object)[:-1],
     }
     cols = {"ts": np.full(n, 1.0), "route": np.array(["primary", "fallback", "rejected"] * 2, dtype=object),
             "reasons": np.array([""] * 5 + ["out_of_range:carat"], dtype=object)}
@@ -145,3 +147,4 @@ def test_text_columns_come_back_whatever_their_values() -> None:
     assert out["route"].tolist() == cols["route"].tolist() and out["reasons"].tolist() == cols["reasons"].tolist()
     assert out["f:empty"].tolist() == [None] * n
     assert [str(v) for v in out["f:mixed"].tolist()] == ["a", "1", "True", "None", "b", "1.5"]
+    assert out["f:nested"].tolist() == ["a", ["a"], None, "b", {"x": 1}, "a"], "unhashable values too"

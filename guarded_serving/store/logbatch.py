@@ -299,9 +299,7 @@ def _to_arrow(values: np.ndarray | None, n: int, as_json: bool) -> tuple[pa.Arra
     if pd.api.types.infer_dtype(values, skipna=True) in _SCALAR_KINDS:
         # Labels of one type: JSON text of each distinct value, not of each row.
         codes, uniques = pd.factorize(values, use_na_sentinel=True)
-        texts = pa.array([dumps(v) for v in uniques.tolist()], type=pa.string())
-        indices = pa.array(codes.astype(np.int32), mask=codes < 0)
-        return pa.DictionaryArray.from_arrays(indices, texts), {_JSON_META: b"1"}
+        return _dictionary(codes, [dumps(v) for v in uniques.tolist()]), {_JSON_META: b"1"}
     texts = values.tolist()
     return pa.array([None if v is None else dumps(v) for v in texts], type=pa.string()).dictionary_encode(), \
         {_JSON_META: b"1"}
@@ -311,14 +309,22 @@ def _coded_text(values: np.ndarray) -> pa.DictionaryArray | None:
     """An object array of text (None or NaN for missing) as a dictionary array, its codes found by
     pandas' hash table: 2-3 times faster than Arrow's conversion of every string, then its
     dictionary encoding (the same array: distinct values in order of first appearance). None
-    when a distinct value is not text."""
+    when a value is not text (Arrow's path and the JSON one take it then)."""
     if values.dtype != object:
         return None
-    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    try:
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    except TypeError:  # an unhashable value (a list, an object)
+        return None
     if not len(uniques) or not all(type(u) is str for u in uniques):
         return None  # no text at all; or numbers or booleans beside text (1 and True share a code)
+    return _dictionary(codes, uniques.tolist())
+
+
+def _dictionary(codes: np.ndarray, texts: list[str]) -> pa.DictionaryArray:
+    """Codes from ``pd.factorize`` (-1: missing) and the text of each distinct value, as Arrow."""
     indices = pa.array(codes.astype(np.int32), mask=codes < 0)
-    return pa.DictionaryArray.from_arrays(indices, pa.array(uniques.tolist(), type=pa.string()))
+    return pa.DictionaryArray.from_arrays(indices, pa.array(texts, type=pa.string()))
 
 
 def decode(body: bytes, schemas: Mapping[int, bytes] | None = None) -> dict[str, np.ndarray]:
