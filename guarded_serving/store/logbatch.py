@@ -190,11 +190,11 @@ def encode(batch: LogBatch) -> EncodedBatch:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_batch(table)
-    stream = sink.getvalue().to_pybytes()
-    assert stream.startswith(schema)
+    stream = sink.getvalue()  # Arrow's buffer: sliced and compressed, never copied
+    assert stream.slice(0, len(schema)).equals(pa.py_buffer(schema))
     schema_id = int.from_bytes(hashlib.sha256(schema).digest()[:8], "big", signed=True)
-    rest = stream[len(schema):]
-    head = _V2 + struct.pack(_V2_FORMAT, schema_id, base, len(rest), len(digits)) + bytes(digits)
+    rest = stream.slice(len(schema))
+    head = _V2 + struct.pack(_V2_FORMAT, schema_id, base, rest.size, len(digits)) + bytes(digits)
     return EncodedBatch(head + _CODEC.compress(rest, asbytes=True), schema, schema_id)
 
 
