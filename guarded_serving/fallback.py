@@ -177,20 +177,29 @@ class FallbackTrainer:
             inits.append(numpy_helper.from_array(arr, name))
             return name
 
-        for j, c in enumerate(self.numeric_):
+        # The numeric features as one matrix, each step once for all of them (per-column
+        # constants as vectors): six nodes whatever the number of features, a third of the time
+        # of a chain per feature on a few thousand rows.
+        for c in self.numeric_:
             inputs.append(helper.make_tensor_value_info(c, TensorProto.DOUBLE, [None, 1]))
-            med = const(f"{c}__median", np.array([self.median_[j]], dtype=np.float64))
-            lo = const(f"{c}__lo", np.array(self.lo_[j], dtype=np.float64))
-            hi = const(f"{c}__hi", np.array(self.hi_[j], dtype=np.float64))
-            sc = const(f"{c}__scale", np.array([self.scale_[j]], dtype=np.float64))
+        if self.numeric_:
+            med = const("numbers__median", np.asarray(self.median_, dtype=np.float64))
+            lo = const("numbers__lo", np.asarray(self.lo_, dtype=np.float64))
+            hi = const("numbers__hi", np.asarray(self.hi_, dtype=np.float64))
+            sc = const("numbers__scale", np.asarray(self.scale_, dtype=np.float64))
             nodes += [
-                helper.make_node("IsNaN", [c], [f"{c}__isnan"]),
-                helper.make_node("Where", [f"{c}__isnan", med, c], [f"{c}__imputed"]),
-                helper.make_node("Clip", [f"{c}__imputed", lo, hi], [f"{c}__clipped"]),
-                helper.make_node("Sub", [f"{c}__clipped", med], [f"{c}__centered"]),
-                helper.make_node("Div", [f"{c}__centered", sc], [f"{c}__scaled"]),
+                helper.make_node("Concat", list(self.numeric_), ["numbers"], axis=1),
+                helper.make_node("IsNaN", ["numbers"], ["numbers__isnan"]),
+                helper.make_node("Where", ["numbers__isnan", med, "numbers"], ["numbers__imputed"]),
+                helper.make_node("Max", ["numbers__imputed", lo], ["numbers__above_lo"]),
+                helper.make_node("Min", ["numbers__above_lo", hi], ["numbers__clipped"]),
+                helper.make_node("Sub", ["numbers__clipped", med], ["numbers__centered"]),
+                helper.make_node("Div", ["numbers__centered", sc], ["numbers__scaled"]),
             ]
-            parts.append(f"{c}__scaled")
+            parts.append("numbers__scaled")
+        for c in self.datetime_:  # its calendar parts read its imputed epoch seconds
+            j = const(f"{c}__column", np.array([self.numeric_.index(c)], dtype=np.int64))
+            nodes.append(helper.make_node("Gather", ["numbers__imputed", j], [f"{c}__imputed"], axis=1))
         for c in self.datetime_:
             parts += _onnx_calendar(c, f"{c}__imputed", self.utc_offset_[c], self.calendar_[c], nodes, const)
         for c in self.categorical_:

@@ -241,6 +241,21 @@ def test_encoder_codes_unseen_categories_and_fills_missing_numbers(profile) -> N
     assert FeatureEncoder.from_dict(enc.to_dict()) == enc
 
 
+def test_encoder_codes_large_batches_as_it_codes_rows(profile) -> None:
+    # Above a few rows, categories are found through pandas' hash table; row by row they are
+    # looked up one at a time. Both code alike, values of other types and nulls included.
+    enc = FeatureEncoder.from_profile(profile)
+    rows = pd.concat([holdout().head(100)] * 2, ignore_index=True)
+    cut = rows["cut"].astype(object).to_numpy().copy()
+    cut[::7], cut[1::9], cut[2::11] = None, "Unheard-of", 3
+    cols = {c.name: (cut if c.name == "cut" else rows[c.name].to_numpy()) for c in enc.columns}
+    whole = enc.matrix(cols)
+    one_by_one = np.vstack([enc.matrix({k: v[i:i + 1] for k, v in cols.items()}) for i in range(len(cut))])
+    np.testing.assert_array_equal(whole, one_by_one)
+    text_only = {**cols, "cut": rows["cut"].astype(object).to_numpy()}
+    np.testing.assert_array_equal(enc.matrix(text_only)[:5], enc.matrix({k: v[:5] for k, v in text_only.items()}))
+
+
 # -- artefacts -------------------------------------------------------------------------------
 
 

@@ -45,6 +45,8 @@ GBR_PARAMS: dict[str, Any] = {
     "random_state": 0,
 }
 LOSSES = ("abs", "sq")
+#: Below this many rows a category column is looked up row by row (pandas' fixed cost is more).
+_SMALL = 64
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,16 @@ class FeatureEncoder:
         if c.categories:
             codes = self._codes(c)
             values = np.asarray(raw, dtype=object)
-            if set(map(type, values)) <= {str}:  # checked batches: text only, looked up in C
-                return np.fromiter(map(codes.get, values, repeat(-1.0)), float, len(values))
+            if len(values) > _SMALL:
+                # Checked batches: text only, a few distinct values. pandas' hash table finds
+                # each row's value in C; only the distinct ones are looked up here.
+                try:
+                    found, distinct = pd.factorize(values, use_na_sentinel=False)
+                except TypeError:  # an unhashable value: the row-by-row path below
+                    distinct = None
+                if distinct is not None and all(type(v) is str for v in distinct):
+                    table = np.fromiter(map(codes.get, distinct, repeat(-1.0)), float, len(distinct))
+                    return table[found]  # type: ignore[no-any-return]
             return np.fromiter((codes.get(_text(v), -1.0) for v in values), float, len(values))
         if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" and c.kind != "datetime":
             x = raw  # checked batches: float64 already, no pandas round trip
