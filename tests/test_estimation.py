@@ -247,13 +247,16 @@ def test_encoder_codes_large_batches_as_it_codes_rows(profile) -> None:
     enc = FeatureEncoder.from_profile(profile)
     rows = pd.concat([holdout().head(100)] * 2, ignore_index=True)
     cut = rows["cut"].astype(object).to_numpy().copy()
-    cut[::7], cut[1::9], cut[2::11] = None, "Unheard-of", 3
+    cut[::7], cut[1::9], cut[2::11], cut[3::13] = None, "Unheard-of", 3, pd.NaT
     cols = {c.name: (cut if c.name == "cut" else rows[c.name].to_numpy()) for c in enc.columns}
     whole = enc.matrix(cols)
     one_by_one = np.vstack([enc.matrix({k: v[i:i + 1] for k, v in cols.items()}) for i in range(len(cut))])
     np.testing.assert_array_equal(whole, one_by_one)
-    text_only = {**cols, "cut": rows["cut"].astype(object).to_numpy()}
-    np.testing.assert_array_equal(enc.matrix(text_only)[:5], enc.matrix({k: v[:5] for k, v in text_only.items()}))
+    text = rows["cut"].astype(object).to_numpy().copy()
+    text[::5] = None  # text and missing values: the hash table's path
+    text_only = {**cols, "cut": text}
+    np.testing.assert_array_equal(enc.matrix(text_only)[:9], enc.matrix({k: v[:9] for k, v in text_only.items()}))
+    assert enc.matrix(text_only)[0, [c.name for c in enc.columns].index("cut")] == -1.0
 
 
 # -- artefacts -------------------------------------------------------------------------------

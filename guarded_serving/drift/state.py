@@ -373,11 +373,12 @@ def _value_counts(values: np.ndarray) -> Iterable[tuple[Any, int]]:
     per code (half of ``Counter``'s time on a few thousand strings). Values equal in Python are
     one value, as with ``Counter``."""
     try:
-        codes, distinct = pd.factorize(values, use_na_sentinel=False)
+        codes, distinct = pd.factorize(values)  # missing values (None, NaN, NA): code -1
     except TypeError:  # an unhashable value: Counter says so the way callers expect
         return Counter(values).items()
-    counts = np.bincount(codes, minlength=len(distinct))
-    return zip(distinct.tolist(), counts.tolist(), strict=True)
+    counts = np.bincount(codes + 1, minlength=len(distinct) + 1).tolist()
+    pairs = list(zip(distinct.tolist(), counts[1:], strict=True))
+    return [(None, counts[0]), *pairs] if counts[0] else pairs
 
 
 def _as_float(values: Any) -> np.ndarray:
@@ -391,7 +392,7 @@ def _as_float(values: Any) -> np.ndarray:
 
 
 def _is_null(v: Any) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
 
 
 def _pick(fn: Any, a: float | None, b: float | None) -> float | None:

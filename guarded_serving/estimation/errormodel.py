@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,15 +88,17 @@ class FeatureEncoder:
             values = np.asarray(raw, dtype=object)
             if len(values) > _SMALL:
                 # Checked batches: text only, a few distinct values. pandas' hash table finds
-                # each row's value in C; only the distinct ones are looked up here.
+                # each row's value in C; only the distinct ones are looked up here (and a missing
+                # value, code -1, takes the table's last entry: -1.0).
                 try:
-                    found, distinct = pd.factorize(values, use_na_sentinel=False)
+                    found, distinct = pd.factorize(values)
                 except TypeError:  # an unhashable value: the row-by-row path below
                     distinct = None
                 if distinct is not None and all(type(v) is str for v in distinct):
-                    table = np.fromiter(map(codes.get, distinct, repeat(-1.0)), float, len(distinct))
+                    table = np.fromiter(chain(map(codes.get, distinct, repeat(-1.0)), [-1.0]), float, len(distinct) + 1)
                     return table[found]  # type: ignore[no-any-return]
-            return np.fromiter((codes.get(_text(v), -1.0) for v in values), float, len(values))
+            return np.fromiter((-1.0 if _is_null(v) else codes.get(_text(v), -1.0) for v in values),
+                               float, len(values))
         if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" and c.kind != "datetime":
             x = raw  # checked batches: float64 already, no pandas round trip
         else:
@@ -142,6 +144,11 @@ def _length(data: pd.DataFrame | Mapping[str, Any]) -> int:
     if isinstance(data, pd.DataFrame):
         return len(data)
     return len(next(iter(data.values()))) if data else 0
+
+
+def _is_null(v: Any) -> bool:
+    # What pandas counts as missing among a column's objects (None, NaN, pd.NA, NaT): code -1.
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
 
 
 def _text(v: Any) -> str:
