@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,15 @@ _FALSE = {"false", "0", "no", "f", "n", "0.0"}
 Columns = Mapping[str, Sequence[Any] | np.ndarray | pd.Series]
 
 
+class Coded(NamedTuple):
+    """A categorical column of ``Verdicts.columns`` (``values``) as each row's position among
+    its profile's ``categories``, -1 for a row holding anything else (null, an unseen value)."""
+
+    codes: np.ndarray
+    categories: tuple[str, ...]
+    values: np.ndarray
+
+
 @dataclass
 class Verdicts:
     """The checks' result for a batch.
@@ -65,6 +74,9 @@ class Verdicts:
     #: The datetime features and their training time zone (None: naive). Their ``columns`` hold
     #: epoch seconds (what the checks, drift and ONNX models use); ``features`` holds datetimes.
     datetime_columns: dict[str, str | None] = field(default_factory=dict)
+    #: Categorical columns as codes, a by-product of the unseen-category check (see ``Coded``):
+    #: what the hand-off to the recording process sends instead of the text.
+    codes: dict[str, Coded] = field(default_factory=dict)
     _frame: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -276,6 +288,7 @@ def check_batch(
     flag_names: list[str] = []
     problems: list[Problem] = []
     coerced: dict[str, np.ndarray] = {}
+    codes: dict[str, Coded] = {}
 
     def flag(name: str, mask: np.ndarray) -> None:
         if mask.any():
@@ -341,7 +354,10 @@ def check_batch(
             if bounds is not None:
                 flag(f"{OUT_OF_RANGE}:{fp.name}", _out_of_range(values, *bounds))
         elif rules.categories and not fp.categories_truncated:
-            known = _isin(values, fp) | null
+            coded = _coded(values, fp)
+            if coded is not None:
+                codes[fp.name] = coded
+            known = (coded.codes >= 0 if coded is not None else _isin(values, fp)) | null
             if bad is not None:
                 known |= bad
             unseen = ~known
@@ -368,7 +384,7 @@ def check_batch(
             flagged |= col
         status[flagged & (status != REJECT)] = FALLBACK
     return Verdicts(status, flags, flag_names, coerced, problems, extra, scores,
-                    datetime_columns=plan.datetimes)
+                    datetime_columns=plan.datetimes, codes=codes)
 
 
 def _check_row(row: dict[str, Any], profile: Profile, plan: CheckPlan, policy: Policy) -> Verdicts | None:
@@ -476,6 +492,19 @@ def _numeric_block(columns: Mapping[str, Any], plan: CheckPlan) -> tuple[
 SMALL = 64
 _NUMBER_TYPES = (int, float)
 _NUMBER_SET = frozenset(_NUMBER_TYPES)
+
+
+def _coded(values: Any, fp: FeatureProfile) -> Coded | None:
+    """The column's codes (a dict lookup per value: what the set lookup of ``_isin`` costs), for
+    object arrays of a size ``_isin`` looks up value by value; None otherwise."""
+    if not isinstance(values, np.ndarray) or values.dtype != object or len(values) > 4096:
+        return None
+    cats = fp.category_tuple
+    dtype = np.int8 if len(cats) < 127 else np.int16 if len(cats) < 32767 else None
+    if dtype is None:
+        return None
+    codes = np.fromiter(map(fp.category_index.get, values, repeat(-1)), dtype, len(values))
+    return Coded(codes, cats, values)
 
 
 def _isin(values: Any, fp: FeatureProfile) -> np.ndarray:

@@ -132,6 +132,15 @@ class FeatureProfile:
     def category_set(self) -> frozenset[str]:
         return frozenset(self.categories)
 
+    @cached_property
+    def category_tuple(self) -> tuple[str, ...]:
+        return tuple(self.categories)
+
+    @cached_property
+    def category_index(self) -> dict[str, int]:
+        """Category -> its position in ``categories`` (the codes of ``Verdicts.codes``)."""
+        return {c: i for i, c in enumerate(self.categories)}
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,

@@ -288,3 +288,13 @@ def test_a_date_that_is_not_a_date_is_a_422_schema_error(dated: Profile) -> None
                     {"when": "soon", "at": "2020-01-05T10:00:00+01:00", "x": 0.0}])
     assert STATUS_BY_CODE[e.value.code] == 422
     assert [(p.row, p.column, p.got) for p in e.value.problems] == [(1, "when", "soon")]
+
+
+def test_categorical_codes_come_with_the_unseen_category_check(profile) -> None:  # noqa: ANN001
+    cats = list(profile.feature("cut").categories)
+    base = features(holdout()).iloc[0].to_dict()
+    rows = [{**base, "cut": c} for c in [cats[1], None, "Flawless", cats[0], cats[1]]]
+    v = check_batch(rows, profile)
+    coded = v.codes["cut"]
+    assert coded.codes.tolist() == [1, -1, -1, 0, 1] and coded.categories == tuple(cats)
+    assert coded.values is v.columns["cut"]

@@ -5,6 +5,7 @@ commit, and a recording process that dies costs counted rows, never the serving 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -20,7 +21,7 @@ from guarded_serving.config import load_config
 from guarded_serving.errors import StoreError
 from guarded_serving.guard import GuardedModel
 from guarded_serving.ledger import Ledger
-from guarded_serving.recorder_process import RecorderProcess, slim
+from guarded_serving.recorder_process import RecorderProcess, WireText, slim, unslim
 from guarded_serving.store.sql import Store
 
 from ._data import features, holdout, serve
@@ -154,6 +155,27 @@ def test_the_hand_off_carries_only_what_recording_reads(guard: GuardedModel) -> 
     assert any(r.reasons), "the serve rows: some flagged"
     quiet = guard.predict(features(holdout()).head(20))
     assert not any(quiet.reasons) and slim(quiet).reasons == [], "no reasons: none sent"
+
+
+def test_categorical_columns_travel_as_the_checks_codes_and_arrive_as_text(guard: GuardedModel) -> None:
+    rows = features(serve()).head(200).astype(object).to_dict("records")
+    rows[3]["cut"], rows[5]["color"], rows[7]["clarity"] = None, "Chartreuse", "Flawless"
+    r = guard.predict(rows)
+    assert r.verdicts is not None and set(r.verdicts.codes) == {"cut", "color", "clarity"}
+    s = slim(r)
+    assert s.verdicts is not None
+    sent = s.verdicts.columns["color"]
+    assert isinstance(sent, WireText) and sent.codes.dtype == np.int8 and sent.at.tolist() == [5]
+    arrived = unslim(pickle.loads(pickle.dumps(s, protocol=5)))
+    assert arrived.verdicts is not None
+    for name, values in r.verdicts.columns.items():
+        got = arrived.verdicts.columns[name]
+        assert type(got) is np.ndarray and got.dtype == values.dtype, name
+        assert [None if v is None else v for v in got.tolist()] == values.tolist(), name
+    assert arrived.verdicts.columns["cut"][3] is None and arrived.verdicts.columns["color"][5] == "Chartreuse"
+    # A column replaced after the checks is not described by their codes: it goes as text.
+    r.verdicts.columns["cut"] = r.verdicts.columns["cut"].copy()
+    assert type(slim(r).verdicts.columns["cut"]) is np.ndarray  # type: ignore[union-attr]
 
 
 def test_drift_counts_answered_too_late_are_kept_for_the_next_take(tmp_path: Path, guard: GuardedModel) -> None:
