@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from guarded_serving import runtime as runtime_module
 from guarded_serving.config import load_config
 from guarded_serving.errors import ConfigError, StoreError
-from guarded_serving import runtime as runtime_module
 from guarded_serving.runtime import ServingRuntime, new_request_id
 
 from ._data import features, holdout, json_rows, serve
