@@ -119,14 +119,6 @@ class HandOff:
         while len(fps) > _MAX_EXPECTED:  # requests that failed without forgetting theirs
             fps.pop(next(iter(fps)), None)
 
-    def has_room(self, n: int) -> bool:
-        """Whether ``n`` more rows fit in the queue now (read without the lock: a hint for a
-        caller choosing whether it may have to wait, not a reservation)."""
-        return self._rows_held() + n <= self.queue_rows
-
-    def _rows_held(self) -> int:
-        raise NotImplementedError
-
     def forget_fingerprint(self, request_id: str) -> None:
         self._fingerprints.pop(request_id, None)
 
@@ -194,9 +186,6 @@ class Recorder(HandOff):
     def active(self) -> bool:
         """Whether there is anything to record (drift counting or the log)."""
         return self._drift is not None or self.log_enabled
-
-    def _rows_held(self) -> int:
-        return self._queued if self._pid == os.getpid() else 0
 
     # -- request path ------------------------------------------------------------------------
 

@@ -144,9 +144,6 @@ class RecorderProcess(HandOff):
     def active(self) -> bool:
         return self.drift_enabled or self.log_enabled
 
-    def _rows_held(self) -> int:
-        return self._held if self._pid == os.getpid() else 0
-
     # -- the Recorder's interface ------------------------------------------------------------
 
     def submit(self, request_id: str, result: GuardedResult, wait_s: float = 0.0) -> Future[int] | None:

@@ -56,8 +56,9 @@ FEEDBACK_WAIT_S = 2.0
 #: shares the GIL with the loop parsing the next body, cost more: 9-15% of the throughput at
 #: 1,000 rows a request (bench: 130 -> 142 requests/s, alternating rounds), none at 100.
 INLINE_ROWS = 2048
-#: How long a request may wait for room in a full recorder queue before its rows are dropped
-#: and counted (on a thread: the event loop never waits).
+#: How long a request checked on a worker thread (batches over INLINE_ROWS, the sync API) may
+#: wait for room in a full recorder queue before its rows are dropped and counted; the event
+#: loop never waits.
 RECORD_WAIT_S = 1.0
 #: Threads and queued calls of the monitoring endpoints' executor.
 MONITOR_THREADS, MONITOR_QUEUE = 2, 32
@@ -207,11 +208,9 @@ class ServingRuntime:
             except SchemaError:
                 self._count_rejected(rows)
                 raise
-            if self.recorder.has_room(result.n_rows):
-                done = self._record(result, request_id)
-            else:  # a full queue: wait for room on a thread (backpressure), never on the loop
-                done = await anyio.to_thread.run_sync(
-                    lambda: self._record(result, request_id, wait_s=RECORD_WAIT_S))
+            # On the loop a full queue is never waited for: its rows are dropped and counted, so
+            # a store that hangs (and the recorder behind it) never slows /predict.
+            done = self._record(result, request_id)
         if done is not None:
             try:
                 await asyncio.wait_for(asyncio.wrap_future(done), self._durable_timeout())

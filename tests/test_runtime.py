@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from guarded_serving import runtime as runtime_module
 from guarded_serving.config import load_config
 from guarded_serving.errors import ConfigError, StoreError
 from guarded_serving.runtime import ServingRuntime, new_request_id
@@ -79,47 +78,18 @@ def test_durable_predict_returns_after_its_rows_are_committed(tmp_path: Path) ->
     rt.close()
 
 
-def test_a_full_queue_drops_and_counts_instead_of_growing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime_module, "RECORD_WAIT_S", 0.05)
-    rt = _runtime(tmp_path, prediction_log={"queue_size": 10, "flush_seconds": 0.01, "batch_size": 10},
-                  max_rows=10)
-    rows = json_rows(features(holdout()).head(10))
-    process, stuck = rt.recorder._process, threading.Event()
-
-    def hung(items: list[object]) -> None:  # the store hangs: the consumer takes nothing more
-        stuck.wait(10)
-        process(items)
-
-    rt.recorder._process = hung  # type: ignore[method-assign]
-
-    async def on_the_loop() -> None:
-        for _ in range(6):
-            await rt.apredict(rows, request_id=new_request_id())
-
-    t0 = time.monotonic()
-    asyncio.run(on_the_loop())
-    waited = time.monotonic() - t0
-    c = rt.recorder.counts
-    # One lot in the hung write, one queued; the rest waited RECORD_WAIT_S each (on a thread,
-    # not the loop), then were dropped and counted.
-    assert c.submitted + c.dropped["monitoring"] == 60 and c.dropped["monitoring"] >= 30
-    assert waited < 2.0
-    stuck.set()
-    rt.close()
-
-
-def test_the_event_loop_waits_for_room_on_a_thread_instead_of_dropping(tmp_path: Path) -> None:
+def test_a_full_queue_drops_and_counts_instead_of_growing(tmp_path: Path) -> None:
     rt = _runtime(tmp_path, prediction_log={"queue_size": 10, "flush_seconds": 30.0, "batch_size": 10_000},
                   max_rows=10)
     rows = json_rows(features(holdout()).head(10))
 
-    async def on_the_loop() -> None:
+    async def on_the_loop() -> None:  # the event loop never waits for room: it drops and counts
         for _ in range(5):
             await rt.apredict(rows, request_id=new_request_id())
 
     asyncio.run(on_the_loop())
-    assert rt.recorder.flush(10)
-    assert rt.recorder.counts.dropped["monitoring"] == 0 and rt.store().log_size()["rows"] == 50
+    c = rt.recorder.counts
+    assert c.submitted + c.dropped["monitoring"] == 50 and c.dropped["monitoring"] >= 30
     rt.close()
 
 
