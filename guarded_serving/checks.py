@@ -490,6 +490,9 @@ def _numeric_block(columns: Mapping[str, Any], plan: CheckPlan) -> tuple[
 #: Below this many rows, plain Python over a column beats pandas' per-call overhead (a single-row
 #: request would otherwise spend most of its time in pandas constructors).
 SMALL = 64
+#: Up to this many values, a category column is looked up value by value (a set or dict lookup
+#: each) rather than through a hash table pandas builds.
+ROW_BY_ROW = 4096
 _NUMBER_TYPES = (int, float)
 _NUMBER_SET = frozenset(_NUMBER_TYPES)
 
@@ -497,7 +500,7 @@ _NUMBER_SET = frozenset(_NUMBER_TYPES)
 def _coded(values: Any, fp: FeatureProfile) -> Coded | None:
     """The column's codes (a dict lookup per value: what the set lookup of ``_isin`` costs), for
     object arrays of a size ``_isin`` looks up value by value; None otherwise."""
-    if not isinstance(values, np.ndarray) or values.dtype != object or len(values) > 4096:
+    if not isinstance(values, np.ndarray) or values.dtype != object or len(values) > ROW_BY_ROW:
         return None
     cats = fp.category_tuple
     dtype = np.int8 if len(cats) < 127 else np.int16 if len(cats) < 32767 else None
@@ -509,7 +512,7 @@ def _coded(values: Any, fp: FeatureProfile) -> Coded | None:
 
 def _isin(values: Any, fp: FeatureProfile) -> np.ndarray:
     if isinstance(values, np.ndarray):
-        if len(values) <= 4096:  # a set lookup per value beats building a hash table
+        if len(values) <= ROW_BY_ROW:
             known = fp.category_set
             return np.fromiter(map(known.__contains__, values), bool, len(values))
         # dtype=object: otherwise pandas 3 converts the strings to Arrow first, which costs more.

@@ -200,7 +200,6 @@ class FallbackTrainer:
         for c in self.datetime_:  # its calendar parts read its imputed epoch seconds
             j = const(f"{c}__column", np.array([self.numeric_.index(c)], dtype=np.int64))
             nodes.append(helper.make_node("Gather", ["numbers__imputed", j], [f"{c}__imputed"], axis=1))
-        for c in self.datetime_:
             parts += _onnx_calendar(c, f"{c}__imputed", self.utc_offset_[c], self.calendar_[c], nodes, const)
         for c in self.categorical_:
             inputs.append(helper.make_tensor_value_info(c, TensorProto.STRING, [None, 1]))

@@ -33,7 +33,7 @@ from .config import ModelSpec, ServingConfig
 from .errors import ConfigError, FallbackFailedError, SchemaError
 from .executors import BoundedExecutor, ExecutorBusyError
 from .policy import Policy
-from .profile import Profile
+from .profile import Profile, is_missing
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("guarded_serving")
@@ -462,14 +462,10 @@ def _frame_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     names = [str(c) for c in frame.columns]
     rows = []
     for values in frame.to_numpy(dtype=object).tolist():
-        if any(_missing(v) for v in values):
-            values = [None if _missing(v) else v for v in values]
+        if any(is_missing(v) for v in values):
+            values = [None if is_missing(v) else v for v in values]
         rows.append(dict(zip(names, values, strict=True)))
     return rows
-
-
-def _missing(v: Any) -> bool:
-    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
 
 
 def predict_on_columns(model: Model, columns: dict[str, Any]) -> Prediction:

@@ -544,6 +544,12 @@ def _looks_like_datetimes(values: pd.Series) -> bool:
     return bool(parsed.notna().all())
 
 
+def is_missing(v: Any) -> bool:
+    """Whether one value is what pandas counts as missing among a column's objects: None, NaN,
+    ``pd.NA`` or ``NaT`` (the code -1 of ``pd.factorize``)."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
+
+
 def epoch_seconds(series: pd.Series, name: str | None = None) -> tuple[np.ndarray, str | None]:
     """A datetime column as float64 epoch seconds (NaN for null) and its time zone (None for naive
     timestamps, read as if UTC). Text and datetime objects are parsed as ISO 8601; a column that

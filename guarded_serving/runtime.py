@@ -54,7 +54,7 @@ FEEDBACK_WAIT_S = 2.0
 #: executor); larger ones in a thread. Checking 1,000 rows holds the loop about as long as
 #: parsing their body already does (a millisecond or two), and the hop to a thread, which then
 #: shares the GIL with the loop parsing the next body, cost more: 9-15% of the throughput at
-#: 1,000 rows a request (bench: 130 -> 142 requests/s, alternating rounds), none at 100.
+#: 1,000 rows a request (bench: 130 -> 142 requests/s, alternating rounds); at 100, within noise.
 INLINE_ROWS = 2048
 #: How long a request checked on a worker thread (batches over INLINE_ROWS, the sync API) may
 #: wait for room in a full recorder queue before its rows are dropped and counted; the event
@@ -192,9 +192,9 @@ class ServingRuntime:
         """``predict`` from an event loop: batches up to ``INLINE_ROWS`` are checked on the loop,
         the primary runs on its executor; bigger ones are checked in a thread. Durable mode awaits
         the batch's group commit."""
-        import anyio
-
         if _n_rows(rows) > INLINE_ROWS:
+            import anyio
+
             def checked_and_handed_over() -> tuple[GuardedResult, Future[int] | None]:
                 res = self._counted(lambda: self.guard.predict(rows, on_reject=on_reject,
                                                                request_id=request_id), rows)

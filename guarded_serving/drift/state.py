@@ -24,7 +24,6 @@ up with ``merge``. Pure numpy/pandas.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..profile import FeatureProfile, Profile, epoch_seconds
+from ..profile import FeatureProfile, Profile, epoch_seconds, is_missing
 
 FORMAT = "guarded-serving/drift-state"
 VERSION = 1
@@ -360,7 +359,7 @@ def _category_buckets(slot: _Slot, values: Any) -> list[tuple[int, int]]:
     out = []
     # A loop over distinct values, not rows: a few categories (plus any unseen ones).
     for key, c in pairs:
-        if _is_null(key):
+        if is_missing(key):
             out.append((unseen + 1, c))
         else:
             i = index.get(key if isinstance(key, str) else str(key))
@@ -389,10 +388,6 @@ def _as_float(values: Any) -> np.ndarray:
     if isinstance(values, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)):
         return values.to_numpy(dtype=np.float64, na_value=np.nan)
     return np.asarray(values, dtype=np.float64)
-
-
-def _is_null(v: Any) -> bool:
-    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
 
 
 def _pick(fn: Any, a: float | None, b: float | None) -> float | None:

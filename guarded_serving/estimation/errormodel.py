@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ModelLoadError
+from ..profile import is_missing
 
 if TYPE_CHECKING:
     from ..profile import Profile
@@ -97,7 +98,7 @@ class FeatureEncoder:
                 if distinct is not None and all(type(v) is str for v in distinct):
                     table = np.fromiter(chain(map(codes.get, distinct, repeat(-1.0)), [-1.0]), float, len(distinct) + 1)
                     return table[found]  # type: ignore[no-any-return]
-            return np.fromiter((-1.0 if _is_null(v) else codes.get(_text(v), -1.0) for v in values),
+            return np.fromiter((-1.0 if is_missing(v) else codes.get(_text(v), -1.0) for v in values),
                                float, len(values))
         if isinstance(raw, np.ndarray) and raw.dtype.kind == "f" and c.kind != "datetime":
             x = raw  # checked batches: float64 already, no pandas round trip
@@ -144,11 +145,6 @@ def _length(data: pd.DataFrame | Mapping[str, Any]) -> int:
     if isinstance(data, pd.DataFrame):
         return len(data)
     return len(next(iter(data.values()))) if data else 0
-
-
-def _is_null(v: Any) -> bool:
-    # What pandas counts as missing among a column's objects (None, NaN, pd.NA, NaT): code -1.
-    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
 
 
 def _text(v: Any) -> str:
